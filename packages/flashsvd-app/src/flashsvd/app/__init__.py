@@ -1,0 +1,5 @@
+"""flashsvd.app — see docs/architecture.md for what this package owns."""
+
+from flashsvd.app.__about__ import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+"""flashsvd.methods — see docs/architecture.md for what this package owns."""
+
+from flashsvd.methods.__about__ import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+"""Single source of the flashsvd-models version, read by hatch at build time."""
+
+__version__ = "0.1.0"
