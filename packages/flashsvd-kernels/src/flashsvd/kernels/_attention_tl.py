@@ -1,0 +1,61 @@
+"""Triton device functions shared by the prefill and decode attention kernels.
+
+Why a module: the on-chip steps (a dot that respects fp32 precision and the interpreter's bf16 bug,
+the rotate-half RoPE of a tile kept as two halves, the online-softmax update that never produces
+NaN for fully masked rows) are identical in both kernels and must not be copy-pasted.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in fp32; ``IEEE`` = exact fp32 (no tf32), ``UPCAST`` = interpreter bf16 fix."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def load_rope(COS, SIN, pos, row_ok, half, s_cos_p, s_cos_d, HALF_P: tl.constexpr):
+    """cos/sin at rows ``pos`` (``[R]`` int) as ``[R, HALF_P]`` fp32 tiles.
+
+    Only the first ``d_head/2`` columns are read: HF tables repeat them (``cat(freqs, freqs)``).
+    """
+    offs = tl.arange(0, HALF_P)
+    ok = row_ok[:, None] & (offs < half)[None, :]
+    base = pos[:, None].to(tl.int64) * s_cos_p + offs[None, :] * s_cos_d
+    c = tl.load(COS + base, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(SIN + base, mask=ok, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def rotate(x1, x2, c, s):
+    """HF rotate-half on a tile held as halves: ``(x1·c − x2·s, x2·c + x1·s)``."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def softmax_step(s, keep, m_i, l_i, acc):
+    """One online-softmax step over a score tile ``s`` (already in log2 units).
+
+    Masked scores become -inf; a row with no valid key so far keeps ``m = -inf`` and uses 0 as its
+    shift so that ``exp2`` sees ``-inf`` (→ 0), never ``-inf - -inf`` (→ NaN).
+    Returns ``p`` (unnormalized probabilities), the new ``m``, ``l`` and the rescaled ``acc``.
+    """
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc

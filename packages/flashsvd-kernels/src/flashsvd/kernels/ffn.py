@@ -1,0 +1,290 @@
+"""Fused low-rank feed-forward blocks: ``lowrank_ffn`` (GELU/ReLU/SiLU) and ``lowrank_gated_ffn``
+(SwiGLU/GEGLU), their PyTorch references and backend dispatch.
+
+Why: a factored FFN run as a chain of matmuls (``x·u1``, ``·v1``, act, ``·u2``, ``·v2``) writes the
+``[tokens, d_ff]`` hidden activation to memory and back, so it is often *slower* than the dense layer
+and uses as much activation memory.  The Triton path (see :mod:`flashsvd.kernels._ffn_kernel`)
+materializes only the rank-space projections ``P = x·u`` and keeps the ``d_ff`` loop on chip.
+
+Factor layout follows docs/architecture.md: a dense ``Linear`` with ``W [out, in]`` becomes
+``(x·u)·v + b`` with ``u [in, r]`` and ``v [r, out]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashsvd.kernels._ffn_kernel import ffn_forward_triton
+from flashsvd.kernels._triton_compat import resolve_backend
+
+__all__ = [
+    "FFN_ACTIVATIONS",
+    "FFNFactors",
+    "GATED_ACTIVATIONS",
+    "GatedFFNFactors",
+    "lowrank_ffn",
+    "lowrank_ffn_reference",
+    "lowrank_gated_ffn",
+    "lowrank_gated_ffn_reference",
+]
+
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+# Gated activation name -> activation applied to the gate branch.
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is accepted by the references (the test oracle) only.
+_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+
+
+@dataclass
+class FFNFactors:
+    """Factors of ``act(x·u1·v1 + b1)·u2·v2 + b2``.
+
+    ``u1 [d_model, r1]``, ``v1 [r1, d_ff]``, ``b1 [d_ff] | None``, ``u2 [d_ff, r2]``,
+    ``v2 [r2, d_out]``, ``b2 [d_out] | None`` (``d_out`` is normally ``d_model``).
+    """
+
+    u1: torch.Tensor
+    v1: torch.Tensor
+    b1: torch.Tensor | None
+    u2: torch.Tensor
+    v2: torch.Tensor
+    b2: torch.Tensor | None
+
+
+@dataclass
+class GatedFFNFactors:
+    """Factors of ``(act(x·u_gate·v_gate + b_gate) * (x·u_up·v_up + b_up))·u_down·v_down + b_down``.
+
+    Gate and up have their own bases and ranks (no shared-basis approximation):
+    ``u_gate [d_model, r_gate]``, ``v_gate [r_gate, d_ff]``, ``u_up [d_model, r_up]``,
+    ``v_up [r_up, d_ff]``, ``u_down [d_ff, r_down]``, ``v_down [r_down, d_out]``; biases optional.
+    """
+
+    u_gate: torch.Tensor
+    v_gate: torch.Tensor
+    b_gate: torch.Tensor | None
+    u_up: torch.Tensor
+    v_up: torch.Tensor
+    b_up: torch.Tensor | None
+    u_down: torch.Tensor
+    v_down: torch.Tensor
+    b_down: torch.Tensor | None
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_tensor(name: str, t: torch.Tensor | None, ndim: int, ref: torch.Tensor, optional: bool) -> None:
+    if t is None:
+        if not optional:
+            raise TypeError(f"{name} is required but got None")
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {ref.dtype}: cast the factors to x's dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}: move them to one device")
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"x has dtype {x.dtype}; supported: float16, bfloat16, float32 (float64: backend='torch')"
+        )
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., d_model], got a 0-D tensor")
+
+
+def _check_linear_pair(x, u_name, u, v_name, v, b_name, b, d_in, d_out_expected=None) -> int:
+    """Check ``u [d_in, r]``, ``v [r, d_out]``, ``b [d_out]``; return d_out."""
+    _check_tensor(u_name, u, 2, x, optional=False)
+    _check_tensor(v_name, v, 2, x, optional=False)
+    _check_tensor(b_name, b, 1, x, optional=True)
+    if u.shape[0] != d_in:
+        raise ValueError(f"{u_name} must have shape [{d_in}, r], got {tuple(u.shape)}")
+    if u.shape[1] < 1:
+        raise ValueError(f"{u_name} has rank 0; ranks must be >= 1")
+    if v.shape[0] != u.shape[1]:
+        raise ValueError(
+            f"{v_name} must have shape [r, out] with r = {u_name}.shape[1] = {u.shape[1]}, got {tuple(v.shape)}"
+        )
+    d_out = v.shape[1]
+    if d_out_expected is not None and d_out != d_out_expected:
+        raise ValueError(f"{v_name} must have {d_out_expected} columns (d_ff), got {tuple(v.shape)}")
+    if b is not None and b.shape[0] != d_out:
+        raise ValueError(f"{b_name} must have shape [{d_out}], got {tuple(b.shape)}")
+    return d_out
+
+
+def _check_ffn(x: torch.Tensor, f: FFNFactors, activation: str) -> None:
+    if not isinstance(f, FFNFactors):
+        raise TypeError(f"factors must be FFNFactors, got {type(f).__name__}")
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(FFN_ACTIVATIONS)}")
+    _check_x(x)
+    d_ff = _check_linear_pair(x, "u1", f.u1, "v1", f.v1, "b1", f.b1, x.shape[-1])
+    _check_linear_pair(x, "u2", f.u2, "v2", f.v2, "b2", f.b2, d_ff)
+
+
+def _check_gated(x: torch.Tensor, f: GatedFFNFactors, activation: str) -> None:
+    if not isinstance(f, GatedFFNFactors):
+        raise TypeError(f"factors must be GatedFFNFactors, got {type(f).__name__}")
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(
+            f"unknown gated activation {activation!r}: choose one of {', '.join(GATED_ACTIVATIONS)}"
+        )
+    _check_x(x)
+    d_model = x.shape[-1]
+    d_ff = _check_linear_pair(x, "u_gate", f.u_gate, "v_gate", f.v_gate, "b_gate", f.b_gate, d_model)
+    _check_linear_pair(x, "u_up", f.u_up, "v_up", f.v_up, "b_up", f.b_up, d_model, d_ff)
+    _check_linear_pair(x, "u_down", f.u_down, "v_down", f.v_down, "b_down", f.b_down, d_ff)
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def _act(s: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(s)
+    if activation == "gelu_tanh":
+        return F.gelu(s, approximate="tanh")
+    if activation == "relu":
+        return F.relu(s)
+    return F.silu(s)
+
+
+def _lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b: torch.Tensor | None):
+    y = (x @ u) @ v
+    return y if b is None else y + b
+
+
+def lowrank_ffn_reference(x: torch.Tensor, factors: FFNFactors, activation: str = "gelu") -> torch.Tensor:
+    """Plain PyTorch ``act(x·u1·v1 + b1)·u2·v2 + b2`` (the oracle, and the CPU path)."""
+    _check_ffn(x, factors, activation)
+    f = factors
+    h = _act(_lowrank_linear(x, f.u1, f.v1, f.b1), activation)
+    return _lowrank_linear(h, f.u2, f.v2, f.b2)
+
+
+def lowrank_gated_ffn_reference(
+    x: torch.Tensor, factors: GatedFFNFactors, activation: str = "swiglu"
+) -> torch.Tensor:
+    """Plain PyTorch ``(act(x·ug·vg + bg) * (x·uu·vu + bu))·ud·vd + bd``."""
+    _check_gated(x, factors, activation)
+    f = factors
+    gate = _act(_lowrank_linear(x, f.u_gate, f.v_gate, f.b_gate), GATED_ACTIVATIONS[activation])
+    h = gate * _lowrank_linear(x, f.u_up, f.v_up, f.b_up)
+    return _lowrank_linear(h, f.u_down, f.v_down, f.b_down)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _triton_forward(x2d: torch.Tensor, tensors: tuple, activation: str, gated: bool) -> torch.Tensor:
+    """``x2d [T, d_model]``; ``tensors`` are the factors in dataclass field order."""
+    t = [_contig(a) for a in tensors]
+    if gated:
+        ug, vg, bg, uu, vu, bu, ud, vd, bd = t
+        # Two small cuBLAS projections; P never exceeds [T, r] and h never reaches memory.
+        return ffn_forward_triton(x2d @ ug, x2d @ uu, vg, vu, bg, bu, ud, vd, bd, activation, True)
+    u1, v1, b1, u2, v2, b2 = t
+    return ffn_forward_triton(x2d @ u1, None, v1, None, b1, None, u2, v2, b2, activation, False)
+
+
+def _reference_2d(x2d, tensors, activation, gated):
+    if gated:
+        return lowrank_gated_ffn_reference(x2d, GatedFFNFactors(*tensors), activation)
+    return lowrank_ffn_reference(x2d, FFNFactors(*tensors), activation)
+
+
+class _LowRankFFNFunction(torch.autograd.Function):
+    """Triton forward; backward recomputes the reference ops under autograd (fine-tuning path)."""
+
+    @staticmethod
+    def forward(ctx, x2d, activation, gated, *tensors):
+        ctx.activation = activation
+        ctx.gated = gated
+        ctx.save_for_backward(x2d, *tensors)
+        kernel_activation = GATED_ACTIVATIONS[activation] if gated else activation
+        return _triton_forward(x2d, tensors, kernel_activation, gated)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        flags = [needs[0], *needs[3:]]
+        with torch.enable_grad():
+            inputs = [
+                None if t is None else t.detach().requires_grad_(flag)
+                for t, flag in zip([x2d, *tensors], flags)
+            ]
+            out = _reference_2d(inputs[0], tuple(inputs[1:]), ctx.activation, ctx.gated)
+            wanted = [t for t, flag in zip(inputs, flags) if t is not None and flag]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        result = [next(grads) if t is not None and flag else None for t, flag in zip(inputs, flags)]
+        return (result[0], None, None, *result[1:])
+
+
+def _dispatch(x, tensors, activation, gated, backend):
+    requested = backend
+    backend = resolve_backend(backend, x, *tensors)
+    if backend == "triton" and x.dtype not in _KERNEL_DTYPES:
+        if requested == "triton":
+            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, not {x.dtype}")
+        backend = "torch"
+    if backend == "torch":
+        return _reference_2d(x, tensors, activation, gated)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    d_out = tensors[-2].shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    if needs_grad:
+        out = _LowRankFFNFunction.apply(x2d, activation, gated, *tensors)
+    else:
+        kernel_activation = GATED_ACTIVATIONS[activation] if gated else activation
+        out = _triton_forward(x2d, tensors, kernel_activation, gated)
+    return out.reshape(*lead, d_out)
+
+
+def lowrank_ffn(
+    x: torch.Tensor, factors: FFNFactors, activation: str = "gelu", backend: str = "auto"
+) -> torch.Tensor:
+    """``act(x·u1·v1 + b1)·u2·v2 + b2`` for ``x [..., d_model]``; returns ``[..., d_out]``.
+
+    ``activation``: ``gelu`` (erf), ``gelu_tanh``, ``relu`` or ``silu``.  ``backend``: ``"auto"``
+    (Triton on CUDA, the reference elsewhere), ``"triton"`` or ``"torch"``.  fp16/bf16/fp32 inputs,
+    fp32 accumulation; differentiable w.r.t. ``x``, all factors and biases.
+    """
+    _check_ffn(x, factors, activation)
+    f = factors
+    return _dispatch(x, (f.u1, f.v1, f.b1, f.u2, f.v2, f.b2), activation, False, backend)
+
+
+def lowrank_gated_ffn(
+    x: torch.Tensor, factors: GatedFFNFactors, activation: str = "swiglu", backend: str = "auto"
+) -> torch.Tensor:
+    """``(act(x·ug·vg + bg) * (x·uu·vu + bu))·ud·vd + bd`` for ``x [..., d_model]``.
+
+    ``activation``: ``swiglu`` (SiLU gate) or ``geglu`` (erf-GELU gate).  Gate, up and down ranks are
+    independent.  Same dtypes, backends and autograd support as :func:`lowrank_ffn`.
+    """
+    _check_gated(x, factors, activation)
+    f = factors
+    tensors = (f.u_gate, f.v_gate, f.b_gate, f.u_up, f.v_up, f.b_up, f.u_down, f.v_down, f.b_down)
+    return _dispatch(x, tensors, activation, True, backend)
