@@ -1,0 +1,195 @@
+"""Float64 linear-algebra helpers shared by the methods.
+
+Every method in this package is an instance of one closed form: find the rank-``r`` ``Ŵ`` that
+minimizes ``‖L (W − Ŵ) R‖_F`` for an invertible input-side transform ``R`` (whitening factor, an
+activation scale, Fisher weights, or the identity) and an optional diagonal output-side scale ``L``.
+By Eckart–Young the answer is ``Ŵ = L⁻¹ · trunc_r(L W R) · R⁻¹``; :func:`weighted_lowrank` computes it
+and returns the factors in the ``u: [in, r]``, ``v: [r, out]`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashsvd.methods.errors import NonFiniteStatisticsError, ShapeError
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteStatisticsError` if ``tensor`` holds NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteStatisticsError(
+            f"{what} contains {bad} non-finite value(s) (NaN/Inf). Check the calibration inputs "
+            "(fp16 overflow? empty batches?) and recollect the statistics in float32/float64."
+        )
+
+
+@dataclass
+class InputTransform:
+    """An invertible input-side transform ``R`` with its inverse (both ``[in, in]`` or diagonal ``[in]``)."""
+
+    forward: torch.Tensor
+    inverse: torch.Tensor
+    diagonal: bool
+    jitter: float = 0.0
+    fallback: str | None = None
+
+    def right(self, w: torch.Tensor) -> torch.Tensor:
+        """``W @ R``."""
+        return w * self.forward if self.diagonal else w @ self.forward
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        """``W @ R⁻¹``."""
+        return w * self.inverse if self.diagonal else w @ self.inverse
+
+
+def diagonal_transform(scale: torch.Tensor, what: str, floor: float = 1e-12) -> InputTransform:
+    """``R = diag(scale)``; entries below ``floor · max`` are raised to it so ``R⁻¹`` stays finite."""
+    scale = scale.to(torch.float64)
+    check_finite(scale, what)
+    if bool((scale < 0).any()):
+        raise NonFiniteStatisticsError(f"{what} has negative entries; scales must be non-negative.")
+    top = float(scale.max()) if scale.numel() else 0.0
+    if top <= 0.0:
+        raise NonFiniteStatisticsError(
+            f"{what} is all zeros: the calibration saw no signal for this layer (no tokens, or all-zero "
+            "inputs/gradients). Recollect statistics with real data."
+        )
+    scale = scale.clamp_min(top * floor)
+    return InputTransform(scale, 1.0 / scale, diagonal=True)
+
+
+def whitening_transform(
+    gram: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    max_jitter: float = 1e-2,
+) -> InputTransform:
+    """A factor ``S`` with ``S Sᵀ ≈ XᵀX`` (lower-triangular Cholesky) and its inverse, in float64.
+
+    ``damping`` adds ``damping · mean(diag)`` to the diagonal first (ridge). If the Cholesky fails
+    (singular or indefinite from round-off), an adaptive jitter scaled to the trace is added, growing
+    ×10 from ``1e-10`` up to ``max_jitter`` (relative); if even that fails, an eigen-decomposition
+    fallback clamps the spectrum at ``1e-10 · λ_max`` and uses ``S = Q Λ^½``. A zero or non-finite
+    Gram matrix raises :class:`NonFiniteStatisticsError` instead of returning garbage.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ShapeError(f"Gram matrix must be square [in, in], got {tuple(gram.shape)}.")
+    g = gram.to(torch.float64)
+    check_finite(g, "Gram matrix XᵀX")
+    g = 0.5 * (g + g.T)
+    n = g.shape[0]
+    scale = float(torch.diagonal(g).mean())
+    if not scale > 0.0:
+        raise NonFiniteStatisticsError(
+            "Gram matrix XᵀX has a zero (or negative) trace: the layer saw no calibration tokens or only "
+            "zeros. Run calibration on real inputs before using a data-aware method."
+        )
+    eye = torch.eye(n, dtype=torch.float64, device=g.device)
+    if damping > 0.0:
+        g = g + damping * scale * eye
+    jitter = 0.0
+    rel = 1e-10
+    while True:
+        chol, info = torch.linalg.cholesky_ex(g + jitter * eye)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            if bool(torch.isfinite(inv).all()):
+                return InputTransform(chol, inv, diagonal=False, jitter=jitter / scale)
+        if rel > max_jitter:
+            break
+        jitter = rel * scale
+        rel *= 10.0
+    evals, evecs = torch.linalg.eigh(g)
+    floor = 1e-10 * float(evals.max())
+    evals = evals.clamp_min(floor)
+    root = evals.sqrt()
+    forward = evecs * root  # Q Λ^½  (columns scaled)
+    inverse = (evecs / root).T  # Λ^-½ Qᵀ
+    return InputTransform(forward, inverse, diagonal=False, jitter=floor / scale, fallback="eigh")
+
+
+def truncated_svd(
+    m: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P_r [rows, r], σ_r [r], Q_r [cols, r], σ_all)`` of the float64 SVD ``M = P Σ Qᵀ``."""
+    p, s, qh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
+    return p[:, :rank], s[:rank], qh[:rank].T, s
+
+
+def weighted_lowrank(
+    w: torch.Tensor,
+    rank: int,
+    transform: InputTransform | None = None,
+    out_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``r`` minimizer of ``‖diag(out_scale) (W − Ŵ) R‖_F``, split with ``√Σ`` on both sides.
+
+    Args:
+        w: ``[out, in]`` weight (any float dtype; computed in float64).
+        rank: target rank.
+        transform: input-side ``R`` (identity when ``None``).
+        out_scale: positive ``[out]`` row weights (identity when ``None``).
+
+    Returns:
+        ``u [in, r]``, ``v [r, out]`` (float64, ``Ŵ = (u v)ᵀ``) and all singular values of the
+        weighted matrix (useful for rank allocation).
+    """
+    m = w.to(torch.float64)
+    if transform is not None:
+        m = transform.right(m)
+    if out_scale is not None:
+        m = m * out_scale.to(torch.float64)[:, None]
+    p, s, q, s_all = truncated_svd(m, rank)
+    root = s.sqrt()
+    left = p * root  # [out, r]  -> vᵀ before un-scaling
+    right = q * root  # [in, r]  -> rows of uᵀ before un-transforming
+    if out_scale is not None:
+        left = left / out_scale.to(torch.float64)[:, None]
+    u_t = right.T  # [r, in]
+    if transform is not None:
+        u_t = transform.right_inverse(u_t)
+    return u_t.T.contiguous(), left.T.contiguous(), s_all
+
+
+def split_heads(w: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+    """Row blocks ``W_h: [d_head, in]`` of an ``[H·d_head, in]`` weight."""
+    out = w.shape[0]
+    if n_heads <= 0 or out % n_heads != 0:
+        raise ShapeError(f"n_heads={n_heads} must be a positive divisor of the output dim {out}.")
+    return list(w.reshape(n_heads, out // n_heads, w.shape[1]).unbind(0))
+
+
+def merge_heads(us: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head ``u_h [in, r]`` and ``v_h [r, d_head]`` → ``u [in, H·r]`` and ``v [H, r, d_head]``."""
+    return torch.cat(us, dim=1).contiguous(), torch.stack(vs, dim=0).contiguous()
+
+
+def factor_heads(
+    w: torch.Tensor,
+    rank: int,
+    transform: InputTransform | None = None,
+    out_scale: torch.Tensor | None = None,
+    n_heads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`weighted_lowrank` on the whole matrix, or on each head's row block when ``n_heads``.
+
+    The input transform is shared by all heads (it describes the common input); ``out_scale`` is
+    sliced per head. Returns ``u``, ``v`` (2-D or per-head 3-D) and the weighted spectra.
+    """
+    if n_heads is None:
+        u, v, s = weighted_lowrank(w, rank, transform, out_scale)
+        return u, v, [s]
+    heads = split_heads(w, n_heads)
+    d = heads[0].shape[0]
+    us, vs, spectra = [], [], []
+    for h, wh in enumerate(heads):
+        scale_h = None if out_scale is None else out_scale[h * d : (h + 1) * d]
+        u, v, s = weighted_lowrank(wh, rank, transform, scale_h)
+        us.append(u)
+        vs.append(v)
+        spectra.append(s)
+    u, v = merge_heads(us, vs)
+    return u, v, spectra

@@ -1,0 +1,58 @@
+"""Data-aware whitening (DRONE, Chen et al., NeurIPS 2021, "Data-aware low-rank compression").
+
+Minimizes the error on the calibration inputs, ``‖(W − Ŵ) Xᵀ‖_F``, instead of ``‖W − Ŵ‖_F``. With
+``XᵀX = S Sᵀ`` the objective equals ``‖(W − Ŵ) S‖_F``, so ``Ŵ = trunc_r(W S) S⁻¹`` is optimal.
+``S`` comes from :func:`flashsvd.methods.linalg.whitening_transform` (float64 Cholesky, adaptive
+jitter scaled to the trace, eigen fallback; non-finite or zero statistics raise).
+
+When the statistics also hold ``cross = X̃ᵀ X_ref`` (sequential calibration: ``X̃`` are the inputs the
+layer sees behind already-compressed layers, ``X_ref`` the dense model's), the objective becomes the
+dense outputs: ``min ‖X_ref Wᵀ − X̃ Ŵᵀ‖``. This is reduced-rank regression; its solution is the
+same closed form applied to ``W_eff = W · crossᵀ · (X̃ᵀX̃)⁻¹`` whitened by ``X̃ᵀX̃``. It corrects, layer
+by layer, the error that earlier compressed layers introduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flashsvd.methods.calibration import LayerStatistics
+from flashsvd.methods.errors import CalibrationMissingError
+from flashsvd.methods.linalg import InputTransform, check_finite, factor_heads, whitening_transform
+
+
+def whitening_of(stats: LayerStatistics | None, method: str, damping: float) -> InputTransform:
+    if stats is None:
+        raise CalibrationMissingError(
+            f"method '{method}' is data-aware and needs calibration statistics (a Gram matrix XᵀX): "
+            "run flashsvd.methods.collect_statistics(...) and pass stats=."
+        )
+    return whitening_transform(stats.require("gram", method), damping=damping)
+
+
+def whiten_method(
+    weight: torch.Tensor,
+    rank: int,
+    *,
+    stats: LayerStatistics | None = None,
+    n_heads: int | None = None,
+    damping: float = 0.0,
+    use_cross: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """DRONE closed form; targets the dense outputs when paired ``cross`` statistics are present."""
+    transform = whitening_of(stats, "whiten", damping)
+    w = weight
+    target = "inputs"
+    if use_cross and stats is not None and stats.cross is not None:
+        # transform.inverse is S⁻¹; W crossᵀ G⁻¹ = W crossᵀ S⁻ᵀ S⁻¹.
+        w = (
+            (weight.to(torch.float64) @ stats.cross.to(torch.float64).T)
+            @ transform.inverse.T
+            @ transform.inverse
+        )
+        check_finite(w, "regression target W·crossᵀ·G⁻¹")
+        target = "dense outputs"
+    u, v, _ = factor_heads(w, rank, transform=transform, n_heads=n_heads)
+    return u, v, {"jitter": transform.jitter, "fallback": transform.fallback, "target": target}

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from flashsvd.methods import (
+    LayerStatistics,
+    StatisticsCollector,
+    calibrate_blockwise,
+    collect_fisher,
+    collect_statistics,
+    factorize,
+)
+
+
+def test_gram_accumulation_matches(gen):
+    lin = nn.Linear(7, 5)
+    xs = [torch.randn(3, 4, 7, generator=gen) for _ in range(3)]
+    st = collect_statistics({"l": lin}, lin, xs)["l"]
+    x = torch.cat([a.reshape(-1, 7) for a in xs]).double()
+    assert st.gram.dtype == torch.float64
+    assert torch.allclose(st.gram, x.T @ x, rtol=1e-12, atol=1e-10)
+    assert st.n_tokens == 36
+    assert torch.allclose(st.abs_mean, x.abs().mean(0))
+    assert torch.allclose(st.abs_max, x.abs().amax(0))
+
+
+def test_fisher_collection(gen):
+    lin = nn.Linear(6, 4)
+    xs = [torch.randn(5, 6, generator=gen) for _ in range(2)]
+    st = collect_fisher({"l": lin}, lambda x: lin(x).square().sum(), xs, output_grads=True)["l"]
+    expect = torch.zeros(4, 6, dtype=torch.float64)
+    for x in xs:
+        g = (2 * lin(x)).detach().T @ x  # dL/dW
+        expect += g.double().square()
+    assert torch.allclose(st.fisher_in, expect.sum(0), rtol=1e-5)
+    assert torch.allclose(st.fisher_out, expect.sum(1), rtol=1e-5)
+    assert st.grad_out_sq.shape == (4,) and st.n_grad_tokens == 10
+    assert lin.weight.grad is None
+
+
+def test_collector_custom_input_of(gen):
+    class Conv1DLike(nn.Module):  # GPT-2 style: weight [in, out], input as kwarg-free first arg
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 3))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    m = Conv1DLike()
+    x = torch.randn(4, 6, generator=gen)
+    with torch.no_grad(), StatisticsCollector({"c": m}) as col:
+        m(x)
+    assert torch.allclose(col.stats["c"].gram, x.double().T @ x.double())
+
+
+class Block(nn.Module):
+    def __init__(self, d, gen):
+        super().__init__()
+        self.a = nn.Linear(d, 2 * d)
+        self.b = nn.Linear(2 * d, d)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+def _setup(gen):
+    blocks = [Block(8, gen) for _ in range(3)]
+    inputs = [torch.randn(4, 8, generator=gen) for _ in range(3)]
+    return blocks, inputs
+
+
+def _run(blocks, inputs, mode, paired=False, grouped=False):
+    seen = {}
+
+    def targets(i, blk):
+        g = [{f"{i}.a": blk.a}, {f"{i}.b": blk.b}]
+        return g if grouped else {**g[0], **g[1]}
+
+    def compress(i, stats):
+        for name, st in stats.items():
+            seen[name] = copy.deepcopy(st)
+            mod = blocks[i].a if name.endswith(".a") else blocks[i].b
+            f = factorize(mod.weight.data, 3, "whiten", stats=st)
+            mod.weight.data.copy_(f.merged_weight())
+
+    calibrate_blockwise(blocks, inputs, lambda b, x: b(x), targets, compress, mode=mode, paired=paired)
+    return seen
+
+
+def test_sequential_and_all_at_once_agree_on_first_block(gen):
+    blocks, inputs = _setup(gen)
+    s_seq = _run(copy.deepcopy(blocks), inputs, "sequential")
+    s_all = _run(copy.deepcopy(blocks), inputs, "all_at_once")
+    assert torch.allclose(s_seq["0.a"].gram, s_all["0.a"].gram)
+    assert torch.allclose(s_seq["0.b"].gram, s_all["0.b"].gram)  # one group: b sees dense a in both
+    assert not torch.allclose(s_seq["1.a"].gram, s_all["1.a"].gram)  # later blocks see compressed inputs
+    # all-at-once equals hooking the whole dense model at once
+    dense = copy.deepcopy(blocks)
+    mods = {f"{i}.{n}": getattr(b, n) for i, b in enumerate(dense) for n in "ab"}
+
+    def run_all(x):
+        for b in dense:
+            x = b(x)
+
+    ref = collect_statistics(mods, run_all, inputs)
+    for name in mods:
+        assert torch.allclose(ref[name].gram, s_all[name].gram)
+
+
+def test_paired_cross_stats_and_groups(gen):
+    blocks, inputs = _setup(gen)
+    s = _run(copy.deepcopy(blocks), inputs, "sequential", paired=True, grouped=True)
+    # first layer of first block: actual inputs = dense inputs → cross == gram
+    assert torch.allclose(s["0.a"].cross, s["0.a"].gram)
+    # within a block, group b sees the compressed a: differs from dense
+    assert not torch.allclose(s["0.b"].cross, s["0.b"].gram)
+    assert isinstance(s["2.b"], LayerStatistics)

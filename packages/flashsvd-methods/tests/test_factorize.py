@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashsvd.methods import (
+    CalibrationMissingError,
+    InvalidRankError,
+    LayerStatistics,
+    NonFiniteStatisticsError,
+    ShapeError,
+    UnknownMethodError,
+    factorize,
+)
+
+
+def lowrank_plus_noise(
+    out: int, inp: int, rank: int, gen: torch.Generator, noise: float = 0.1
+) -> torch.Tensor:
+    a = torch.randn(out, rank, generator=gen, dtype=torch.float64)
+    b = torch.randn(rank, inp, generator=gen, dtype=torch.float64)
+    return a @ b / rank**0.5 + noise * torch.randn(out, inp, generator=gen, dtype=torch.float64)
+
+
+def anisotropic_inputs(n: int, inp: int, gen: torch.Generator) -> torch.Tensor:
+    scales = torch.logspace(1, -2, inp, dtype=torch.float64)
+    mix = torch.linalg.qr(torch.randn(inp, inp, generator=gen, dtype=torch.float64))[0]
+    return (torch.randn(n, inp, generator=gen, dtype=torch.float64) * scales) @ mix.T
+
+
+ALL = ["svd", "fwsvd", "whiten", "svdllm", "asvd", "ars"]
+
+
+def make_stats(w: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> LayerStatistics:
+    st = LayerStatistics(w.shape[1])
+    st.update(x)
+    st.update_weight_grad(torch.randn(w.shape, generator=gen, dtype=torch.float64))
+    return st
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("n_heads", [None, 3])
+def test_full_rank_is_exact(method, n_heads, gen):
+    w = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    x = anisotropic_inputs(64, 10, gen)
+    full = min(10, 12 // (n_heads or 1))
+    f = factorize(w, full, method, stats=make_stats(w, x, gen), n_heads=n_heads)
+    assert torch.allclose(f.merged_weight(), w, atol=1e-8)
+    assert f.error < 1e-10
+
+
+def test_svd_eckart_young(gen):
+    w = torch.randn(20, 14, generator=gen, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    r = 5
+    f = factorize(w, r, "svd")
+    err = torch.linalg.norm(w - f.merged_weight())
+    assert torch.isclose(err, s[r:].square().sum().sqrt(), rtol=1e-10)
+    assert f.u.shape == (14, r) and f.v.shape == (r, 20)
+    # √Σ split: both factors carry the same singular values
+    assert torch.allclose(torch.linalg.svdvals(f.u), torch.linalg.svdvals(f.v), rtol=1e-8)
+    for _ in range(20):
+        a = torch.randn(20, r, generator=gen, dtype=torch.float64)
+        b = torch.linalg.lstsq(a, w).solution  # best B for a random A
+        assert torch.linalg.norm(w - a @ b) >= err - 1e-9
+
+
+@pytest.mark.parametrize("method", ["whiten", "svdllm"])
+def test_data_aware_beats_svd_on_data_error(method, gen):
+    w = lowrank_plus_noise(24, 32, 6, gen, noise=0.3)
+    x = anisotropic_inputs(400, 32, gen)
+    st = LayerStatistics(32)
+    st.update(x[:150])
+    st.update(x[150:])
+    r = 6
+    e_svd = torch.linalg.norm((w - factorize(w, r, "svd").merged_weight()) @ x.T)
+    f = factorize(w, r, method, stats=st)
+    e_m = torch.linalg.norm((w - f.merged_weight()) @ x.T)
+    assert e_m < 0.9 * e_svd
+    assert f.data_error is not None and f.data_error < 1
+
+
+def test_fwsvd_uniform_fisher_equals_svd(gen):
+    w = torch.randn(16, 12, generator=gen, dtype=torch.float64)
+    a = factorize(w, 4, "fwsvd", fisher=torch.full((12,), 3.0, dtype=torch.float64)).merged_weight()
+    b = factorize(w, 4, "svd").merged_weight()
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_svdllm_update_targets_dense_outputs(gen):
+    w = lowrank_plus_noise(16, 20, 4, gen, noise=0.3)
+    x_ref = anisotropic_inputs(300, 20, gen)
+    x_act = x_ref + 0.3 * torch.randn(x_ref.shape, generator=gen, dtype=torch.float64)  # drifted inputs
+    st = LayerStatistics(20)
+    st.update(x_act)
+    st.update_cross(x_act, x_ref)
+    plain = factorize(w, 4, "svdllm", stats=st).merged_weight()
+    upd = factorize(w, 4, "svdllm", stats=st, update="v").merged_weight()
+    rrr = factorize(w, 4, "whiten", stats=st).merged_weight()
+    target = x_ref @ w.T
+
+    def err(m):
+        return torch.linalg.norm(target - x_act @ m.T)
+
+    assert err(upd) < err(plain)
+    assert err(rrr) <= err(upd) + 1e-9  # reduced-rank regression is the optimum
+
+
+def test_per_head_shapes_and_merge(gen):
+    w = torch.randn(4 * 8, 20, generator=gen, dtype=torch.float64)
+    f = factorize(w, 3, "svd", n_heads=4, bias=torch.zeros(32, dtype=torch.float64))
+    assert f.u.shape == (20, 12) and f.v.shape == (4, 3, 8)
+    assert f.per_head and f.n_heads == 4 and f.out_features == 32
+    assert f.num_parameters == 20 * 12 + 4 * 3 * 8
+    x = torch.randn(5, 20, generator=gen, dtype=torch.float64)
+    p = x @ f.u
+    heads = [p[:, h * 3 : (h + 1) * 3] @ f.v[h] for h in range(4)]
+    assert torch.allclose(torch.cat(heads, 1), x @ f.merged_weight().T, atol=1e-10)
+    # each head is the best rank-3 approximation of its own row block
+    for h in range(4):
+        wh = w[h * 8 : (h + 1) * 8]
+        s = torch.linalg.svdvals(wh)
+        assert torch.isclose(torch.linalg.norm(wh - f.merged_weight()[h * 8 : (h + 1) * 8]), s[3:].norm())
+
+
+def test_dtype_preserved(gen):
+    w = torch.randn(8, 6, generator=gen).to(torch.bfloat16)
+    f = factorize(w, 2)
+    assert f.u.dtype == torch.bfloat16 and f.v.dtype == torch.bfloat16
+
+
+def test_errors(gen):
+    w = torch.randn(8, 6, generator=gen)
+    with pytest.raises(InvalidRankError, match="≥ 1"):
+        factorize(w, 0)
+    with pytest.raises(InvalidRankError, match="maximum is 6"):
+        factorize(w, 7)
+    with pytest.raises(InvalidRankError, match="maximum is 2"):
+        factorize(w, 3, n_heads=4)
+    with pytest.raises(InvalidRankError, match="positive integer"):
+        factorize(w, 2.5)
+    with pytest.raises(ShapeError):
+        factorize(w, 2, n_heads=3)
+    with pytest.raises(UnknownMethodError, match="Available: ars, asvd, fwsvd, svd, svdllm, whiten"):
+        factorize(w, 2, "bogus")
+    for m in ["whiten", "svdllm", "asvd", "fwsvd"]:
+        with pytest.raises(CalibrationMissingError, match=m):
+            factorize(w, 2, m)
+    st = LayerStatistics(6)
+    st.gram = torch.full((6, 6), float("nan"), dtype=torch.float64)
+    with pytest.raises(NonFiniteStatisticsError, match="non-finite"):
+        factorize(w, 2, "whiten", stats=st)
+    st.gram = torch.zeros(6, 6, dtype=torch.float64)
+    with pytest.raises(NonFiniteStatisticsError, match="zero"):
+        factorize(w, 2, "whiten", stats=st)
+    bad = w.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStatisticsError):
+        factorize(bad, 2)
+    assert issubclass(InvalidRankError, ValueError)
+
+
+def test_singular_gram_is_handled(gen):
+    # inputs live in a 3-dim subspace of 10: Gram has rank 3
+    w = torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(50, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 10, generator=gen, dtype=torch.float64
+    )
+    st = LayerStatistics(10)
+    st.update(x)
+    f = factorize(w, 3, "whiten", stats=st)
+    assert torch.isfinite(f.merged_weight()).all()
+    # rank 3 is enough to reproduce W on the data subspace
+    rel = torch.linalg.norm((w - f.merged_weight()) @ x.T) / torch.linalg.norm(w @ x.T)
+    assert rel < 1e-3
