@@ -1,0 +1,38 @@
+"""One switch between the two runtimes of a compressed model.
+
+* ``"torch"``: HF's own modules with low-rank linear layers (plain matmuls; trainable baseline).
+* ``"flash"``: attention and FFN modules replaced by runtime blocks calling ``flashsvd.kernels``
+  (Triton on CUDA; the kernels fall back to their PyTorch references on CPU), rank-space KV cache.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flashsvd.models.runtime import swap_out
+
+__all__ = ["BACKENDS", "get_backend", "set_backend"]
+
+BACKENDS = ("torch", "flash")
+
+
+def get_backend(model: nn.Module) -> str:
+    return getattr(model, "_flashsvd_backend", "torch")
+
+
+def set_backend(model: nn.Module, backend: str, *, kernel_backend: str = "auto") -> list[str]:
+    """Switch ``model`` to ``backend``; returns notes about parts that stay on the torch path.
+
+    ``kernel_backend`` is passed to the kernels (``"auto"``: Triton on CUDA, reference elsewhere).
+    Caches built on one backend cannot be continued on the other (start a new one).
+    """
+    from flashsvd.models.adapters import get_adapter
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose 'torch' or 'flash'")
+    swap_out(model)
+    notes: list[str] = []
+    if backend == "flash":
+        notes = get_adapter(model).install_flash(model, backend=kernel_backend)
+    object.__setattr__(model, "_flashsvd_backend", backend)
+    return notes

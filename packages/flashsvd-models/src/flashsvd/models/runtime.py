@@ -1,0 +1,296 @@
+"""Runtime blocks of the "flash" backend: attention and FFN modules that call ``flashsvd.kernels``.
+
+Why replacement modules (peft-style) rather than patched classes: a runtime block *replaces* one HF
+submodule (an attention or MLP module), keeps HF's forward signature and return convention, and
+registers the very same children under the same names — so the state dict is identical on both
+backends and switching is just putting the original module back (:func:`swap_in` / :func:`swap_out`).
+The original HF module is remembered outside the module tree (``_flashsvd_original``).
+
+On the "torch" backend no runtime block is installed: the HF modules run unchanged with their
+linear layers replaced by :class:`~flashsvd.models.lowrank.LowRankLinear` (plain low-rank matmuls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from flashsvd.kernels.attention import lowrank_attention
+from flashsvd.kernels.ffn import FFNFactors, GatedFFNFactors, lowrank_ffn, lowrank_gated_ffn
+from flashsvd.models.cache import rank_space_layer
+from flashsvd.models.lowrank import LowRankLinear
+
+__all__ = [
+    "FlashAttention",
+    "FlashBlock",
+    "FlashFFN",
+    "RopeTables",
+    "get_module",
+    "key_valid_from_hf_mask",
+    "set_module",
+    "swap_in",
+    "swap_out",
+]
+
+# HF activation names → kernel activation names.
+FFN_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                   "silu": "silu", "swish": "silu", "gelu_python": "gelu"}  # fmt: skip
+
+
+# ---- module tree helpers ---------------------------------------------------------------------------
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_module(root, parent), name, module)
+
+
+class FlashBlock(nn.Module):
+    """Base of runtime blocks: registers the original's children under their names, remembers it."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_flashsvd_original", original)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.train(original.training)
+
+    @property
+    def original(self) -> nn.Module:
+        return self._flashsvd_original
+
+
+def swap_in(root: nn.Module, path: str, block: FlashBlock) -> None:
+    set_module(root, path, block)
+
+
+def swap_out(root: nn.Module) -> int:
+    """Put every runtime block's original HF module back (children re-attached); return how many."""
+    blocks = [(n, m) for n, m in root.named_modules() if isinstance(m, FlashBlock)]
+    for path, block in blocks:
+        original = block.original
+        for name, child in block.named_children():
+            setattr(original, name, child)
+        original.train(block.training)
+        set_module(root, path, original)
+    return len(blocks)
+
+
+# ---- masks and RoPE ----------------------------------------------------------------------------------
+def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None:
+    """``[B, N]`` bool (True = real key) from whatever mask HF built, or ``None`` (no padding).
+
+    HF passes ``None`` (sdpa, no padding), a 4-D bool mask (True = attend), a 4-D additive float mask
+    (0 = attend) or a 2-D padding mask.  A key is real iff at least one query may attend it — true for
+    causal, bidirectional and windowed masks alike (the structure itself is re-applied by the kernel).
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"the flash backend cannot read a {type(mask).__name__} attention mask: load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    keep = mask if mask.dtype == torch.bool else (mask == 0) if mask.dim() == 4 else mask.to(torch.bool)
+    if keep.dim() == 4:
+        keep = keep.any(dim=-2).any(dim=1)
+    keep = keep[:, -n_keys:].expand(batch, n_keys)
+    return None if bool(keep.all()) else keep.contiguous()
+
+
+class RopeTables:
+    """``(cos, sin)`` tables ``[P, d_head]`` built by the model's own rotary module (any RoPE type).
+
+    One instance is shared by all attention blocks using the same rotary module (and ``layer_type``
+    for ModernBERT); tables are cached and grown by doubling, except for dynamic RoPE types whose
+    frequencies depend on the sequence length (rebuilt every call).
+    """
+
+    def __init__(self, rotary: nn.Module, layer_type: str | None = None, dynamic: bool = False) -> None:
+        self.rotary, self.layer_type, self.dynamic = rotary, layer_type, dynamic
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, n_positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._table
+        if (not self.dynamic and t is not None and t[0].shape[0] >= n_positions
+                and t[0].device == like.device and t[0].dtype == like.dtype):  # fmt: skip
+            return t
+        size = n_positions if self.dynamic else max(256, 1 << (n_positions - 1).bit_length())
+        pos = torch.arange(size, device=like.device)[None]
+        args = (like, pos) if self.layer_type is None else (like, pos, self.layer_type)
+        cos, sin = self.rotary(*args)
+        self._table = (cos[0].contiguous(), sin[0].contiguous())
+        return self._table
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+def _head_bias(lin: LowRankLinear) -> torch.Tensor | None:
+    return None if lin.bias is None else lin.bias.view(lin.n_heads, -1)
+
+
+class FlashAttention(FlashBlock):
+    """Self-attention on rank-space projections via :func:`flashsvd.kernels.lowrank_attention`.
+
+    Args:
+        original: the HF attention module (its children are re-registered under the same names).
+        q, k, v: paths (relative to ``original``) of the per-head :class:`LowRankLinear` projections.
+        o: path of the output projection, or ``None`` when it lives outside (BERT's ``SelfOutput``).
+        post: paths of modules applied after ``o`` in order (e.g. dropout).
+        arg_names: names of HF's positional arguments after ``hidden_states``.
+        causal: decoder self-attention; ``cache``: store rank-space K/V in ``past_key_values``.
+        rope: tables provider or ``None``; ``scale``: softmax scale; ``layer_idx``: cache index.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        *,
+        q: str,
+        k: str,
+        v: str,
+        o: str | None,
+        post: Sequence[str] = (),
+        arg_names: Sequence[str] = (),
+        causal: bool = False,
+        cache: bool = False,
+        rope: RopeTables | None = None,
+        scale: float | None = None,
+        layer_idx: int | None = None,
+        window: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(original)
+        self._paths = {"q": q, "k": k, "v": v, "o": o}
+        for name in ("q", "k", "v"):
+            lin = get_module(self, self._paths[name])
+            if not isinstance(lin, LowRankLinear) or not lin.per_head:
+                raise TypeError(
+                    f"{name} projection must be a per-head LowRankLinear, got {type(lin).__name__}"
+                )
+        self._post = tuple(post)
+        self._arg_names = tuple(arg_names)
+        self.causal, self.use_cache, self.rope, self.scale = causal, cache, rope, scale
+        self.layer_idx, self.kernel_backend = layer_idx, backend
+        self.window = window
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.window is not None and self._too_long_for_window(hidden_states, kwargs):
+            # The kernels have no sliding-window mask: past the window, run HF's own attention.
+            return self.original(hidden_states, *args, **kwargs)
+        kwargs.update(zip(self._arg_names, args))
+        q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
+        B, M = hidden_states.shape[:2]
+        pq = q.project(hidden_states).unflatten(-1, (q.n_heads, q.rank))
+        pk = k.project(hidden_states).unflatten(-1, (k.n_heads, k.rank))
+        pv = v.project(hidden_states).unflatten(-1, (v.n_heads, v.rank))
+        positions = kwargs.get("position_ids")
+        cache = kwargs.get("past_key_values") if self.use_cache else None
+        if positions is None:
+            start = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            positions = torch.arange(start, start + M, device=hidden_states.device)[None]
+        positions = positions.to(torch.long).expand(B, M)
+        key_positions = positions
+        if cache is not None:
+            layer = rank_space_layer(cache, self.layer_idx)
+            pk, pv = layer.update(pk, pv, positions=positions)
+            key_positions = layer.positions
+        N = pk.shape[1]
+        key_valid = key_valid_from_hf_mask(kwargs.get("attention_mask"), B, N)
+        rope = None
+        if self.rope is not None:
+            n_pos = int(max(int(positions.max()), int(key_positions.max()))) + 1
+            rope = self.rope(n_pos, hidden_states)
+        out = lowrank_attention(
+            pq, pk, pv, q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
+            key_padding_mask=key_valid, causal=self.causal, rope=rope,
+            positions=positions if rope is not None else None,
+            key_positions=key_positions if rope is not None else None,
+            q_offset=N - M, scale=self.scale, backend=self.kernel_backend,
+        )  # fmt: skip
+        out = out.reshape(B, M, -1)
+        if self._paths["o"] is not None:
+            out = get_module(self, self._paths["o"])(out)
+        for path in self._post:
+            out = get_module(self, path)(out)
+        return out, None
+
+    def _too_long_for_window(self, hidden_states: torch.Tensor, kwargs) -> bool:
+        cache = kwargs.get("past_key_values") if self.use_cache else None
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if past + hidden_states.shape[1] <= self.window:
+            return False
+        if cache is not None:
+            raise ValueError(
+                f"sequence of {past + hidden_states.shape[1]} tokens exceeds the sliding window ({self.window}) of "
+                f"layer {self.layer_idx}; the flash kernels have no windowed mask: use set_backend(model, 'torch')"
+            )
+        return True
+
+
+# ---- FFN ---------------------------------------------------------------------------------------------
+class FlashFFN(FlashBlock):
+    """Whole FFN (``up → act → down``, or gated) in one fused kernel call.
+
+    Args:
+        original: the HF module replaced (its children are re-registered).
+        up / gate / down: paths of the :class:`LowRankLinear` layers, relative to ``owner`` (the module
+            holding them, default ``original``; BERT keeps ``down`` in a sibling module).
+        activation: kernel activation (``gelu``, ``gelu_tanh``, ``relu``, ``silu`` or, gated,
+            ``swiglu``/``geglu``).
+        post: paths (relative to this block) applied to the result (dropout).
+        linears: ``{role: module}`` when the layers are not children of ``original``.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        *,
+        linears: Mapping[str, LowRankLinear],
+        activation: str,
+        post: Sequence[str] = (),
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(original)
+        for role, lin in linears.items():
+            if not isinstance(lin, LowRankLinear) or lin.per_head:
+                raise TypeError(f"FFN {role} must be a LowRankLinear, got {type(lin).__name__}")
+        object.__setattr__(self, "_linears", dict(linears))
+        self.kernel_activation, self._post, self.kernel_backend = activation, tuple(post), backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        li = self._linears
+        down = li["down"]
+        if "gate" in li:
+            g, u = li["gate"], li["up"]
+            f = GatedFFNFactors(g.u, g.v, g.bias, u.u, u.v, u.bias, down.u, down.v, down.bias)
+            out = lowrank_gated_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+        else:
+            u = li["up"]
+            f = FFNFactors(u.u, u.v, u.bias, down.u, down.v, down.bias)
+            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+        for path in self._post:
+            out = get_module(self, path)(out)
+        return out
+
+
+class ResidualNormOutput(FlashBlock):
+    """BERT's ``*Output`` after a fused FFN: ``LayerNorm(dropout(h) + input)`` (its ``dense`` already ran).
+
+    Keeps ``dense`` registered (same state dict); the fused :class:`FlashFFN` in the sibling
+    ``intermediate`` slot applied it.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
+
+
+def ffn_activation(name: object) -> str | None:
+    """Kernel activation for an HF activation name, or ``None`` if the kernels lack it."""
+    return FFN_ACTIVATIONS.get(name) if isinstance(name, str) else None
+
+
+CallableAct = Callable[[torch.Tensor], torch.Tensor]

@@ -1,0 +1,156 @@
+"""Every adapter on a random tiny config: full-rank parity with HF, backend agreement, checkpoints."""
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import flashsvd.models as fm
+from flashsvd.models.lowrank import FusedLinear, LowRankLinear
+
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
+ENCODERS = ("bert", "roberta", "distilbert", "modernbert")
+ALL = DECODERS + ENCODERS
+
+
+def _valid(out, mask):
+    return out[mask.bool()] if out.dim() == 3 and out.shape[:2] == mask.shape else out
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_full_rank_matches_hf_on_both_backends(tiny, make_inputs, kind):
+    model = tiny(kind)
+    ids, mask = make_inputs(kind)
+    ref = _logits(model, ids, mask)
+    cls = type(model)
+    model, report = fm.compress(model, rank="full")
+    assert type(model) is cls
+    assert not report.dense and report.params_after > 0
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    out_torch = _logits(model, ids, mask)
+    fm.set_backend(model, "flash")
+    out_flash = _logits(model, ids, mask)
+    torch.testing.assert_close(_valid(out_torch, mask), _valid(ref, mask), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_valid(out_flash, mask), _valid(ref, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_compressed_backends_agree_and_checkpoint_round_trips(tiny, make_inputs, kind, tmp_path):
+    model = tiny(kind)
+    ids, mask = make_inputs(kind)
+    before = fm.count_parameters(model)
+    model, report = fm.compress(model, keep_ratio=0.5)
+    assert report.params_before == before and report.params_after == fm.count_parameters(model)
+    assert report.params_after < before and 0.45 < report.kept_fraction <= 0.5
+    out_torch = _logits(model, ids, mask)
+    sd_torch = {k: v.clone() for k, v in model.state_dict().items()}
+    fm.set_backend(model, "flash")
+    assert model.state_dict().keys() == sd_torch.keys()
+    out_flash = _logits(model, ids, mask)
+    torch.testing.assert_close(_valid(out_flash, mask), _valid(out_torch, mask), atol=1e-5, rtol=1e-4)
+
+    folder = fm.save_compressed(model, tmp_path / "ck")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    loaded = fm.load(folder)
+    sd = loaded.state_dict()
+    assert sd.keys() == sd_torch.keys()
+    assert all(torch.equal(sd[k], sd_torch[k]) for k in sd)
+    assert torch.equal(_logits(loaded, ids, mask), out_torch)
+    auto = getattr(T, "AutoModelForCausalLM" if kind in DECODERS else "AutoModelForSequenceClassification")
+    again = auto.from_pretrained(folder)
+    assert type(again) is type(model)
+    assert all(torch.equal(again.state_dict()[k], sd_torch[k]) for k in sd_torch)
+    assert torch.equal(_logits(again, ids, mask), out_torch)
+
+    merged = fm.merge_to_dense(copy.deepcopy(loaded))
+    assert not any(isinstance(m, (LowRankLinear, FusedLinear)) for m in merged.modules())
+    torch.testing.assert_close(
+        _valid(_logits(merged, ids, mask), mask), _valid(out_torch, mask), atol=1e-5, rtol=1e-4
+    )
+    dense_dir = tmp_path / "dense"
+    merged.save_pretrained(dense_dir)
+    plain = type(model).from_pretrained(dense_dir)
+    torch.testing.assert_close(
+        _valid(_logits(plain, ids, mask), mask), _valid(out_torch, mask), atol=1e-5, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_generate_same_tokens_on_both_backends(tiny, make_inputs, kind):
+    model, _ = fm.compress(tiny(kind), keep_ratio=0.6)
+    ids, mask = make_inputs(kind, seq=7)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    greedy_torch = model.generate(ids, **kw)
+    fm.set_backend(model, "flash")
+    greedy_flash = model.generate(ids, **kw)
+    assert torch.equal(greedy_torch, greedy_flash)
+    torch.manual_seed(0)
+    sampled = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0
+    )
+    assert sampled.shape == (2, 11)
+
+
+def test_flash_cache_is_rank_space(tiny, make_inputs):
+    model, _ = fm.compress(tiny("llama"), keep_ratio=0.5, backend="flash")
+    ids, mask = make_inputs("llama", seq=7)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    layer = out.past_key_values.layers[0]
+    assert isinstance(layer, fm.RankSpaceCacheLayer)
+    k = model.model.layers[0].self_attn.k_proj
+    assert layer.keys.shape == (2, 7, k.n_heads, k.rank) and k.rank < 16
+    assert layer.positions.shape == (2, 7)
+
+
+def test_report_and_config_block(tiny, tmp_path):
+    model, report = fm.compress(tiny("bert"), keep_ratio=0.5)
+    block = model.config.quantization_config
+    assert block["quant_method"] == "flashsvd" and block["ranks"] == report.ranks
+    assert set(report.ranks) == {t.name for t in fm.get_adapter(model).targets(model)}
+    assert all(e["error"] is not None for e in report.errors.values())
+    for key in ("params_before", "params_after", "versions", "calibration", "keep_ratio"):
+        assert key in block
+    with pytest.raises(ValueError, match="already compressed"):
+        fm.compress(model, keep_ratio=0.5)
+
+
+def test_calibrated_method_and_sequential(tiny):
+    model = tiny("llama")
+    batches = [{"input_ids": torch.randint(1, 100, (2, 10))} for _ in range(2)]
+    _, rep = fm.compress(model, method="whiten", keep_ratio=0.5, calibration=batches, sequential=True)
+    assert rep.calibration["batches"] == 2 and rep.calibration["sequential"]
+    assert all(e["data_error"] is not None for e in rep.errors.values())
+    with pytest.raises(ValueError, match="data-aware"):
+        fm.compress(tiny("llama"), method="whiten", keep_ratio=0.5)
+
+
+def test_lowrank_linear_roundtrip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8)
+    from flashsvd.methods import factorize
+
+    lr = LowRankLinear.from_factorization(factorize(lin.weight, 8, bias=lin.bias))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(lr(x), lin(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lr.to_dense().weight, lin.weight, atol=1e-5, rtol=0)
+    heads = LowRankLinear.from_factorization(factorize(lin.weight, 3, n_heads=2, bias=lin.bias))
+    torch.testing.assert_close(heads(x), heads.to_dense()(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        LowRankLinear(torch.zeros(4, 3), torch.zeros(2, 5))
+
+
+def test_unknown_architecture_and_bad_backend(tiny):
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg.model_type = "nope"
+    with pytest.raises(ValueError, match="no flashsvd adapter"):
+        fm.get_adapter(cfg)
+    model, _ = fm.compress(tiny("bert"), keep_ratio=0.5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fm.set_backend(model, "fast")
