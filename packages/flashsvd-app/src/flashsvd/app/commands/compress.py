@@ -1,0 +1,152 @@
+"""``flashsvd compress``: calibrate, factorize and save a compressed checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flashsvd.app import options as O
+from flashsvd.app.errors import guarded
+
+HELP = """Compress a model with an SVD-family method and save a checkpoint.
+
+Ranks: one of --keep-ratio (fraction of the targeted layers' parameters kept; default 0.5), --rank
+(unified: attention r, FFN/output 6r), --rank-attn/--rank-ffn/--rank-wo (per type), --ranks-json
+(per module). Data-aware methods (fwsvd, whiten, svdllm, asvd, ars) calibrate on --task data or
+--calib-data; fwsvd also needs a task loss, so with --task a headless model gets a classification head.
+
+\b
+Examples:
+  flashsvd compress --method svd --keep-ratio 0.75
+  flashsvd compress --model default --method whiten --keep-ratio 0.6 --task stsb --calib-samples 64
+  flashsvd compress -m bert-base-uncased --method fwsvd --task sst2 --rank 64 --output out/bert_fw
+  flashsvd compress -m smollm2 --method svdllm --keep-ratio 0.8 --calib-data notes.txt --sequential
+"""
+
+
+def compress(
+    model: O.Model = None,
+    method: Annotated[str, typer.Option("--method", help="svd, fwsvd, whiten, svdllm, asvd or ars.")] = "svd",
+    keep_ratio: Annotated[
+        float | None,
+        typer.Option("--keep-ratio", help="Fraction of the targeted layers' parameters to keep."),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="Unified rank (attention r, FFN/out 6r).")
+    ] = None,
+    rank_attn: Annotated[int | None, typer.Option("--rank-attn", help="Rank of Q/K/V (per head).")] = None,
+    rank_ffn: Annotated[int | None, typer.Option("--rank-ffn", help="Rank of the FFN matrices.")] = None,
+    rank_wo: Annotated[int | None, typer.Option("--rank-wo", help="Rank of the attention output.")] = None,
+    ranks_json: Annotated[
+        Path | None, typer.Option("--ranks-json", help="JSON {module path: rank or null (dense)}.")
+    ] = None,
+    task: O.Task = None,
+    calib_data: Annotated[
+        Path | None,
+        typer.Option("--calib-data", help="Calibration text: .txt (a line each), .jsonl, .tsv, .csv."),
+    ] = None,
+    calib_samples: Annotated[
+        int, typer.Option("--calib-samples", min=1, help="Calibration texts to use.")
+    ] = 128,
+    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", min=1, help="Texts per batch.")] = 16,
+    calib_max_length: Annotated[
+        int, typer.Option("--calib-max-length", min=8, help="Tokens per text.")
+    ] = 128,
+    sequential: Annotated[
+        bool,
+        typer.Option("--sequential", help="Calibrate block by block on the compressed prefix (less memory)."),
+    ] = False,
+    data_dir: O.DataDir = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Output folder (default compressed_models/<model>_<method>_<ranks>/)."
+        ),
+    ] = None,
+    overwrite: O.Overwrite = False,
+    device: O.Device = "auto",
+    dtype: O.DType = "auto",
+    seed: O.Seed = 0,
+    quiet: O.Quiet = False,
+    json_out: O.JsonOut = False,
+    debug: O.Debug = False,
+) -> None:
+    run(**locals())
+
+
+@guarded
+def run(**kw) -> None:
+    from flashsvd.app import modelio
+    from flashsvd.app.compression import (
+        REPORT_FILE,
+        RankChoice,
+        compress_model,
+        default_output,
+        needs_task_head,
+        report_rows,
+        save_checkpoint,
+        source_summary,
+    )
+    from flashsvd.app.console import Console, silence_libraries
+    from flashsvd.app.errors import AppError
+    from flashsvd.app.outputs import atomic_dir
+    from flashsvd.app.runtime import provenance, resolve_device, resolve_dtype
+    from flashsvd.app.tasks.registry import get_task
+
+    console = Console(kw["quiet"], kw["json_out"])
+    silence_libraries()
+    by_kind = {k: kw[f"rank_{k}"] for k in ("attn", "ffn", "wo") if kw[f"rank_{k}"] is not None}
+    ranks = RankChoice(kw["keep_ratio"], kw["rank"], by_kind, kw["ranks_json"])
+    ranks.check()
+    method = kw["method"].lower()
+    from flashsvd.methods import METHODS
+
+    if method not in METHODS:
+        raise AppError(
+            f"unknown method {kw['method']!r}", hint="choose one of: " + ", ".join(sorted(METHODS))
+        )
+    source = modelio.resolve(kw["model"])
+    if source.kind == "flashsvd":
+        raise AppError(
+            f"{source.location} is already compressed", hint="compress the dense model it came from."
+        )
+    spec = get_task(kw["task"]) if kw["task"] else None
+    device = resolve_device(kw["device"])
+    dtype = resolve_dtype(kw["dtype"], device)
+    out = Path(kw["output"]) if kw["output"] else default_output(source.name, method, ranks)
+    # fail before the expensive part
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not kw["overwrite"]:
+        raise AppError(f"output {out} already exists", hint="pass --overwrite or choose another --output.")
+
+    head, num_labels = "auto", None
+    if (
+        spec
+        and spec.kind != "perplexity"
+        and needs_task_head(method)
+        and modelio.model_head(source) == "base"
+    ):
+        head, num_labels = "classification", spec.num_labels
+        console.info(f"{method} weights by the {spec.name} loss: adding an (untrained) classification head")
+    console.info(f"loading {source.name} ({source.location})")
+    m = modelio.load(source, head=head, num_labels=num_labels, dtype=dtype).to(device)
+    tok = modelio.load_tokenizer(source)
+    m, report = compress_model(
+        m, tok, method, ranks, console, task=kw["task"], calib_data=kw["calib_data"],
+        calib_samples=kw["calib_samples"], calib_batch_size=kw["calib_batch_size"],
+        calib_max_length=kw["calib_max_length"], data_dir=kw["data_dir"], sequential=kw["sequential"],
+        seed=kw["seed"],
+    )  # fmt: skip
+    result = {
+        "output": str(out),
+        "source": source_summary(source),
+        "task": spec.name if spec else None,
+        "calib_data": str(kw["calib_data"]) if kw["calib_data"] else None,
+        "report": report.to_json(),
+        **provenance(device),
+    }
+    with atomic_dir(out, overwrite=kw["overwrite"]) as tmp:
+        save_checkpoint(m, tok, result, tmp)
+    console.table(f"{source.name} → {out}", ["", "value"], report_rows(report))
+    console.result(result, f"saved {out} ({report.summary()}); report in {out / REPORT_FILE}")

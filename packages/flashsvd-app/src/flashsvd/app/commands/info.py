@@ -1,0 +1,138 @@
+"""``flashsvd info``: what a checkpoint holds, read from its files without loading the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flashsvd.app import options as O
+from flashsvd.app.errors import guarded
+
+HELP = """Describe a checkpoint folder: method, ranks, parameter counts, sizes, versions and files.
+
+Reads config.json, the safetensors headers and flashsvd_report.json; nothing is loaded or computed.
+
+\b
+Examples:
+  flashsvd info compressed_models/all-MiniLM-L6-v2_svd_k0.75
+  flashsvd info models/finetuned/bert/whiten/sst2/best --json | jq .ranks_summary
+"""
+
+
+def info(
+    folder: Annotated[Path, typer.Argument(help="A checkpoint (or any Hugging Face model) folder.")],
+    quiet: O.Quiet = False,
+    json_out: O.JsonOut = False,
+    debug: O.Debug = False,
+) -> None:
+    run(**locals())
+
+
+def describe(folder: Path) -> dict:
+    """Everything ``info`` reports, as a dictionary."""
+    import json
+
+    from flashsvd.app.compression import REPORT_FILE
+    from flashsvd.app.errors import AppError
+    from flashsvd.app.modelio import check_checkpoint_version, flashsvd_block, read_config
+
+    if not folder.exists():
+        raise AppError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise AppError(f"{folder} is not a folder", hint="pass the checkpoint folder, not a file in it.")
+    config = read_config(folder)
+    block = flashsvd_block(config)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    out: dict = {
+        "folder": str(folder),
+        "compressed": block is not None,
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
+        "total_bytes": sum(p.stat().st_size for p in files),
+    }
+    tensors, stored = 0, 0
+    for st in folder.glob("*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = fh.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= int(d)
+                tensors += n
+                stored += 1
+    out["stored_parameters"] = tensors
+    out["stored_tensors"] = stored
+    if block is not None:
+        ranks = block.get("ranks") or {}
+        values = [r for r in ranks.values() if r is not None]
+        out.update(
+            method=block.get("method"),
+            keep_ratio=block.get("keep_ratio"),
+            kept_fraction=block.get("kept_fraction"),
+            params_before=block.get("params_before"),
+            params_after=block.get("params_after"),
+            target_params_before=block.get("target_params_before"),
+            target_params_after=block.get("target_params_after"),
+            format_version=block.get("format_version"),
+            versions=block.get("versions"),
+            calibration=block.get("calibration"),
+            ranks=ranks,
+            ranks_summary={
+                "factorized": len(values),
+                "dense": len(ranks) - len(values),
+                "min": min(values) if values else None,
+                "max": max(values) if values else None,
+                "distinct": sorted(set(values)),
+            },
+        )
+        try:
+            check_checkpoint_version(config, folder)
+            out["loadable"] = True
+        except AppError as err:
+            out["loadable"] = False
+            out["load_problem"] = str(err)
+    report = folder / REPORT_FILE
+    if report.is_file():
+        try:
+            rep = json.loads(report.read_text())
+            out["made"] = {k: rep.get(k) for k in ("timestamp", "git_commit", "task", "calib_data", "source")}
+        except json.JSONDecodeError:
+            out["made"] = {"problem": f"{REPORT_FILE} is not valid JSON"}
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        out["training"] = json.loads(state.read_text())
+    return out
+
+
+@guarded
+def run(**kw) -> None:
+    from flashsvd.app.console import Console
+
+    console = Console(kw["quiet"], kw["json_out"])
+    d = describe(Path(kw["folder"]))
+    rows = [("compressed", d["compressed"]), ("model type", d["model_type"]),
+            ("architectures", ", ".join(d["architectures"] or []))]  # fmt: skip
+    if d["compressed"]:
+        rs = d["ranks_summary"]
+        rows += [
+            ("method", d["method"]),
+            ("keep_ratio (asked)", d["keep_ratio"]),
+            ("targeted kept fraction", d["kept_fraction"]),
+            ("params before → after", f"{d['params_before']:,} → {d['params_after']:,}"),
+            ("matrices factorized / dense", f"{rs['factorized']} / {rs['dense']}"),
+            ("ranks", ", ".join(map(str, rs["distinct"]))),
+            ("format version", d["format_version"]),
+            ("made with", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),
+        ]
+    rows += [("stored parameters", d["stored_parameters"]), ("size MiB", d["total_bytes"] / 2**20)]
+    console.table(str(d["folder"]), ["", "value"], rows)
+    console.table("files", ["file", "bytes"], list(d["files"].items()))
+    what = f"{d['method']} keep_ratio={d['keep_ratio']}" if d["compressed"] else "dense"
+    console.result(
+        d, f"{d['folder']}: {d['model_type']} {what}, {d['stored_parameters']:,} stored parameters"
+    )

@@ -1,0 +1,245 @@
+"""The app side of compression: pick calibration text, build batches, call ``flashsvd.models.compress``, save.
+
+No factorization logic lives here; this module only turns command-line choices into the arguments of
+``flashsvd.models.compress`` and writes the result atomically (model, tokenizer, report).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashsvd.app.console import Console
+from flashsvd.app.errors import AppError
+from flashsvd.app.modelio import ModelSource
+from flashsvd.app.tasks.data import DEFAULT_DATA_DIR, Columns, calibration_texts, load_examples
+from flashsvd.app.tasks.registry import get_task
+
+REPORT_FILE = "flashsvd_report.json"
+
+
+@dataclass
+class RankChoice:
+    """Exactly one way of choosing ranks (see ``flashsvd compress --help``)."""
+
+    keep_ratio: float | None = None
+    rank: int | None = None
+    by_kind: dict[str, int] = field(default_factory=dict)
+    ranks_json: Path | None = None
+
+    def check(self) -> None:
+        given = sum(
+            [
+                self.keep_ratio is not None,
+                self.rank is not None,
+                bool(self.by_kind),
+                self.ranks_json is not None,
+            ]
+        )
+        if given > 1:
+            raise AppError(
+                "choose one of --keep-ratio, --rank, --rank-attn/--rank-ffn/--rank-wo, --ranks-json"
+            )
+        if given == 0:
+            self.keep_ratio = 0.5
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise AppError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise AppError(f"--rank must be a positive integer, got {self.rank}")
+        if self.ranks_json is not None and not Path(self.ranks_json).is_file():
+            raise AppError(f"--ranks-json {self.ranks_json} does not exist")
+
+    def tag(self) -> str:
+        if self.keep_ratio is not None:
+            return f"k{self.keep_ratio:g}"
+        if self.rank is not None:
+            return f"r{self.rank}"
+        if self.by_kind:
+            return "r" + "-".join(f"{k}{v}" for k, v in sorted(self.by_kind.items()))
+        return "ranks-" + Path(self.ranks_json).stem
+
+    def compress_kwargs(self, model: Any) -> dict[str, Any]:
+        if self.keep_ratio is not None:
+            return {"keep_ratio": self.keep_ratio}
+        if self.rank is not None:
+            return {"rank": self.rank}
+        if self.ranks_json is not None:
+            try:
+                ranks = json.loads(Path(self.ranks_json).read_text())
+            except json.JSONDecodeError as err:
+                raise AppError(f"--ranks-json {self.ranks_json} is not valid JSON ({err.msg})") from err
+            ranks = ranks.get("ranks", ranks) if isinstance(ranks, dict) else ranks
+            if not isinstance(ranks, dict):
+                raise AppError(f"--ranks-json {self.ranks_json} must map module paths to ranks (or null)")
+            return {"ranks": ranks}
+        from flashsvd.models.adapters import get_adapter
+
+        targets = get_adapter(model).targets(model)
+        return {"ranks": {t.name: self.by_kind.get(t.kind) for t in targets}}
+
+
+def default_output(model_name: str, method: str, ranks: RankChoice) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")
+    return Path("compressed_models") / f"{safe}_{method}_{ranks.tag()}"
+
+
+def calibration_text(task: str | None, calib_data: Path | None, n: int, data_dir: Path | None, seed: int = 0):
+    """``(texts, pairs or None, labels or None, source)`` for calibration."""
+    if calib_data is not None:
+        texts = calibration_texts(calib_data, n)
+        return texts, None, None, str(calib_data)
+    spec = None
+    if task is not None:
+        spec = get_task(task)
+    elif (data_dir or DEFAULT_DATA_DIR).is_dir():
+        spec = get_task("sst2")
+    if spec is None:
+        raise AppError("this method needs calibration text", hint="pass --task T or --calib-data FILE.")
+    if spec.kind == "perplexity":
+        from flashsvd.app.tasks.data import load_text
+
+        text, source = load_text(spec, "train", None, data_dir)
+        paras = [p for p in text.split("\n\n") if len(p.strip()) > 40]
+        return paras[:n], None, None, source
+    ex = load_examples(spec, "train", None, data_dir, Columns(), fallback_splits=("dev",)).subset(n, seed)
+    return ex.texts, ex.pairs, ex.labels, ex.source
+
+
+def calibration_batches(
+    tokenizer: Any, texts, pairs, labels, batch_size: int, max_length: int, loss: str | None
+):
+    """Tokenized batches; with ``loss='labels'`` they carry task labels, with ``'lm'`` next-token labels."""
+    import torch
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        a = texts[i : i + batch_size]
+        b = None if pairs is None else pairs[i : i + batch_size]
+        enc = dict(tokenizer(a, b, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        if loss == "labels" and labels is not None:
+            y = labels[i : i + batch_size]
+            enc["labels"] = torch.tensor(
+                y, dtype=torch.float32 if any(v != int(v) for v in y) else torch.long
+            )
+        elif loss == "lm":
+            lab = enc["input_ids"].clone()
+            lab[enc["attention_mask"] == 0] = -100
+            enc["labels"] = lab
+        out.append(enc)
+    return out
+
+
+def save_checkpoint(model: Any, tokenizer: Any, report: dict[str, Any], folder: Path) -> None:
+    """Model (via ``flashsvd.models.save_compressed``), tokenizer and the report JSON into ``folder``."""
+    from flashsvd.app.outputs import write_json_atomic
+    from flashsvd.models import save_compressed
+
+    save_compressed(model, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_json_atomic(Path(folder) / REPORT_FILE, report)
+
+
+def compress_model(
+    model: Any,
+    tokenizer: Any,
+    method: str,
+    ranks: RankChoice,
+    console: Console,
+    *,
+    task: str | None = None,
+    calib_data: Path | None = None,
+    calib_samples: int = 128,
+    calib_batch_size: int = 16,
+    calib_max_length: int = 128,
+    data_dir: Path | None = None,
+    sequential: bool = False,
+    backend: str = "torch",
+    seed: int = 0,
+    texts: list[str] | None = None,
+) -> tuple[Any, Any]:
+    """Calibrate (if the method is data-aware) and compress ``model`` in place; return ``(model, report)``.
+
+    Calibration text: ``texts`` when given, else ``--calib-data``, else the task's train split, else SST-2
+    sentences from the shared data folder.
+    """
+    from flashsvd.methods import get_method
+    from flashsvd.models import compress
+    from flashsvd.models.adapters import get_adapter
+
+    spec = get_method(method)
+    batches = None
+    if spec.data_aware:
+        if texts is not None:
+            pairs, labels, source = None, None, "the caller"
+        else:
+            texts, pairs, labels, source = calibration_text(task, calib_data, calib_samples, data_dir, seed)
+        loss = None
+        if "fisher_in" in spec.requires:
+            loss = "lm" if _is_causal(model) else "labels"
+            if loss == "labels" and (labels is None or not _has_head(model)):
+                raise AppError(
+                    f"method {method} weights by the task loss, which needs labelled data and a task head",
+                    hint="pass --task T (GLUE) so the model gets a classification head, or use whiten/svdllm/asvd.",
+                )
+        batches = calibration_batches(
+            tokenizer, texts, pairs, labels, calib_batch_size, calib_max_length, loss
+        )
+        console.info(f"calibration: {len(texts)} texts from {source} in {len(batches)} batches")
+    n_targets = len(get_adapter(model).targets(model))
+    bar = console.bar(n_targets, f"compress ({method})", unit="matrix")
+    try:
+        model, report = compress(
+            model, method=method, calibration=batches, sequential=sequential, backend=backend,
+            progress=lambda name: bar.update(1), **ranks.compress_kwargs(model),
+        )  # fmt: skip
+    finally:
+        bar.close()
+    return model, report
+
+
+def _is_causal(model: Any) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (model.config.architectures or [])) or (
+        type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    )
+
+
+def _has_head(model: Any) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForCausalLM", "LMHeadModel"))
+
+
+def needs_task_head(method: str) -> bool:
+    from flashsvd.methods import get_method
+
+    return "fisher_in" in get_method(method).requires
+
+
+def report_rows(report: Any) -> list[tuple[str, Any]]:
+    """The parameter report as (label, value) rows."""
+    d = report.to_json() if hasattr(report, "to_json") else dict(report)
+    factorized = sum(r is not None for r in d.get("ranks", {}).values())
+    return [
+        ("method", d.get("method")),
+        ("keep_ratio (asked)", d.get("keep_ratio")),
+        ("targeted params before", d.get("target_params_before")),
+        ("targeted params after", d.get("target_params_after")),
+        ("targeted kept fraction", d.get("kept_fraction")),
+        ("model params before", d.get("params_before")),
+        ("model params after", d.get("params_after")),
+        ("model kept fraction", d.get("model_kept_fraction")),
+        ("matrices factorized / dense", f"{factorized} / {len(d.get('dense', {}))}"),
+        ("distinct ranks", ", ".join(str(r) for r in sorted({r for r in d.get("ranks", {}).values() if r}))),
+        ("seconds", d.get("seconds")),
+    ]
+
+
+def source_summary(source: ModelSource) -> dict[str, Any]:
+    return {
+        "kind": source.kind,
+        "location": source.location,
+        "name": source.name,
+        "gguf_file": source.gguf_file,
+    }

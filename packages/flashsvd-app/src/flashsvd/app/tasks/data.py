@@ -1,0 +1,355 @@
+"""Task data from local files (offline) or Hugging Face ``datasets`` (online).
+
+Where data comes from, first match wins: ``--data-file``; ``--data-dir`` (GLUE layout: ``<dir>/<task>/dev.tsv``
+or the file directly in ``<dir>``); the shared data folder ``../shared/data`` seen from the current directory;
+``datasets.load_dataset("glue", task)`` unless ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set. Local files
+may be TSV (GLUE layouts, with or without a header), CSV (with a header), JSONL, or raw text (perplexity).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashsvd.app.errors import AppError
+from flashsvd.app.tasks.registry import TaskSpec
+
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+GLUE_FOLDERS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "qqp": "QQP",
+    "stsb": "STS-B",
+    "mnli": "MNLI",
+}
+GLUE_FOLDERS.update({"qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "wikitext2": "wikitext-2-raw"})
+
+
+@dataclass
+class Columns:
+    """User overrides of where texts and labels are (a header name, or a 0-based column index)."""
+
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class Examples:
+    """A labelled text (pair) data set; ``source`` says where it was read from."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[float]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, n: int | None, seed: int = 0) -> Examples:
+        """A seeded random subset of ``n`` examples (original order kept); all of them when n is None."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise AppError(f"the number of examples must be positive, got {n}")
+        keep = sorted(random.Random(seed).sample(range(len(self)), n))
+        return Examples(
+            [self.texts[i] for i in keep],
+            None if self.pairs is None else [self.pairs[i] for i in keep],
+            [self.labels[i] for i in keep],
+            f"{self.source} ({n} of {len(self)}, seed {seed})",
+        )
+
+
+def offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def find_local_file(spec: TaskSpec, split: str, data_dir: Path) -> Path | None:
+    """The file for ``split`` of ``spec`` inside ``data_dir`` (its task sub-folder, or itself)."""
+    names = spec.splits.get(split, ())
+    folders = [
+        data_dir / spec.data_folder,
+        data_dir / GLUE_FOLDERS.get(spec.data_folder, spec.data_folder),
+        data_dir,
+    ]
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def locate(
+    spec: TaskSpec,
+    split: str,
+    data_file: Path | None,
+    data_dir: Path | None,
+    fallback_splits: tuple[str, ...] = (),
+) -> Path | None:
+    """A local file for the task, or None when the caller should try ``datasets``; errors on bad paths."""
+    if data_file is not None:
+        if not Path(data_file).is_file():
+            raise AppError(f"--data-file {data_file} does not exist")
+        return Path(data_file)
+    dirs = []
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise AppError(f"--data-dir {data_dir} is not a folder")
+        dirs.append(Path(data_dir))
+    elif DEFAULT_DATA_DIR.is_dir():
+        dirs.append(DEFAULT_DATA_DIR)
+    for d in dirs:
+        for s in (split, *fallback_splits):
+            found = find_local_file(spec, s, d)
+            if found is not None:
+                return found
+    if data_dir is not None:
+        wanted = ", ".join(spec.splits.get(split, ()))
+        raise AppError(
+            f"no {split} data for task {spec.name} in {data_dir}",
+            hint=f"expected one of [{wanted}] in {data_dir}/{spec.data_folder}/ or {data_dir}/; "
+            "or pass --data-file.",
+        )
+    return None
+
+
+def _no_data(spec: TaskSpec, why: str) -> AppError:
+    return AppError(
+        f"no data for task {spec.name}: {why}",
+        hint="pass --data-file FILE (TSV/CSV/JSONL) or --data-dir DIR (GLUE layout), "
+        f"or run online so `datasets` can download {spec.hf_path}/{spec.hf_name}.",
+    )
+
+
+def _load_hf(spec: TaskSpec, split: str):
+    if offline():
+        raise _no_data(
+            spec, "running offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and no local file was found"
+        )
+    try:
+        import datasets
+    except ImportError as err:
+        raise _no_data(spec, "the `datasets` package is not installed and no local file was found") from err
+    hf_split = {"dev": spec.hf_split}.get(split, split)
+    try:
+        return datasets.load_dataset(spec.hf_path, spec.hf_name, split=hf_split)
+    except Exception as err:  # network errors come in many types
+        raise _no_data(spec, f"datasets.load_dataset failed ({type(err).__name__}: {err})") from err
+
+
+# --------------------------------------------------------------------------- labelled examples
+
+
+def load_examples(
+    spec: TaskSpec,
+    split: str = "dev",
+    data_file: Path | None = None,
+    data_dir: Path | None = None,
+    columns: Columns | None = None,
+    fallback_splits: tuple[str, ...] = (),
+) -> Examples:
+    """Labelled examples of a GLUE-style task (see the module docstring for where they come from)."""
+    if spec.kind == "perplexity":
+        raise AppError(f"task {spec.name} is raw text: use load_text")
+    columns = columns or Columns()
+    path = locate(spec, split, data_file, data_dir, fallback_splits)
+    if path is None:
+        ds = _load_hf(spec, split)
+        rows = [dict(r) for r in ds]
+        return _from_records(spec, rows, columns, f"datasets:{spec.hf_path}/{spec.hf_name}[{split}]")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+        return _from_records(spec, rows, columns, str(path))
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        return _from_records(spec, rows, columns, str(path))
+    return _from_tsv(spec, path, columns)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8").strip()
+    if text.startswith("["):
+        return json.loads(text)
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise AppError(f"{path}:{i}: not a JSON line ({err.msg})") from err
+    return rows
+
+
+def _pick(
+    keys: list[str], override: str | None, candidates: tuple[str, ...], what: str, where: str
+) -> str | None:
+    if override is not None:
+        if override not in keys:
+            raise AppError(f"column {override!r} ({what}) is not in {where}", hint=f"columns there: {keys}")
+        return override
+    for cand in candidates:
+        if cand in keys:
+            return cand
+    return None
+
+
+def _from_records(spec: TaskSpec, rows: list[dict], columns: Columns, source: str) -> Examples:
+    if not rows:
+        raise AppError(f"{source} holds no examples")
+    keys = list(rows[0].keys())
+    text_k = _pick(keys, columns.text, spec.text_keys[0], "text", source)
+    pair_k = None
+    if len(spec.text_keys) > 1 or columns.text_pair:
+        pair_k = _pick(
+            keys, columns.text_pair, spec.text_keys[1] if len(spec.text_keys) > 1 else (), "pair", source
+        )
+    label_k = _pick(keys, columns.label, spec.label_keys, "label", source)
+    if text_k is None or (len(spec.text_keys) > 1 and pair_k is None) or label_k is None:
+        raise AppError(
+            f"{source}: cannot find the text/label columns of task {spec.name}",
+            hint=f"columns there: {keys}; name them with --text-column/--text-pair-column/--label-column.",
+        )
+    texts = [str(r[text_k]) for r in rows]
+    pairs = [str(r[pair_k]) for r in rows] if pair_k else None
+    labels = [_label(spec, r[label_k], source) for r in rows]
+    return _drop_unlabelled(texts, pairs, labels, source)
+
+
+def _from_tsv(spec: TaskSpec, path: Path, columns: Columns) -> Examples:
+    with open(path, encoding="utf-8", newline="") as fh:
+        lines = [ln.rstrip("\r\n") for ln in fh]
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise AppError(f"{path} is empty")
+    first = lines[0].split("\t")
+    known = {k for group in spec.text_keys for k in group} | set(spec.label_keys)
+    header = first if (known & set(first)) or _names_override(columns) else None
+    body = lines[1:] if header is not None else lines
+    if header is not None and not _digits(columns):
+        rows = []
+        for ln in body:
+            fields = ln.split("\t")
+            rows.append({k: fields[i] if i < len(fields) else "" for i, k in enumerate(header)})
+        return _from_records(spec, rows, columns, str(path))
+    # header-less GLUE file (CoLA, this repository's STS-B), or explicit column indices
+    pos = list(spec.positions or ())
+    for i, override in enumerate((columns.text, columns.text_pair, columns.label)):
+        if override is not None:
+            idx = int(override)
+            if i == 2:
+                pos[-1] = idx
+            elif i < len(pos) - 1:
+                pos[i] = idx
+    if not pos:
+        raise AppError(
+            f"{path}: no header and no column layout for task {spec.name}",
+            hint="pass --text-column/--label-column as 0-based indices.",
+        )
+    n_text = len(pos) - 1
+    texts, pairs, labels = [], [] if n_text > 1 else None, []
+    for i, ln in enumerate(body, 1 if header is None else 2):
+        fields = ln.split("\t")
+        if len(fields) <= max(pos):
+            raise AppError(
+                f"{path}:{i}: expected at least {max(pos) + 1} tab-separated columns, got {len(fields)}",
+                hint="check the file's layout or pass --text-column/--label-column.",
+            )
+        texts.append(fields[pos[0]])
+        if pairs is not None:
+            pairs.append(fields[pos[1]])
+        labels.append(_label(spec, fields[pos[-1]], f"{path}:{i}"))
+    return _drop_unlabelled(texts, pairs, labels, str(path))
+
+
+def _names_override(columns: Columns) -> bool:
+    return any(c is not None and not c.isdigit() for c in (columns.text, columns.text_pair, columns.label))
+
+
+def _digits(columns: Columns) -> bool:
+    return any(c is not None and c.isdigit() for c in (columns.text, columns.text_pair, columns.label))
+
+
+def _label(spec: TaskSpec, raw: object, where: str) -> float:
+    if raw is None or (isinstance(raw, str) and raw.strip() in ("", "-", "-1")):
+        return float("nan")
+    if isinstance(raw, str) and raw.strip() in spec.label_map:
+        return float(spec.label_map[raw.strip()])
+    try:
+        value = float(raw)
+    except (TypeError, ValueError) as err:
+        raise AppError(f"{where}: label {raw!r} is not a number nor one of {list(spec.label_map)}") from err
+    if spec.kind == "classification":
+        if value < 0:
+            return float("nan")  # GLUE test sets use -1 for "no label"
+        if value != int(value) or value >= spec.num_labels:
+            raise AppError(
+                f"{where}: label {raw!r} is not a class id of task {spec.name} (0..{spec.num_labels - 1})"
+            )
+    return value
+
+
+def _drop_unlabelled(texts, pairs, labels, source) -> Examples:
+    keep = [i for i, v in enumerate(labels) if v == v]
+    if not keep:
+        raise AppError(f"{source} has no labelled examples (a GLUE test split?)", hint="use the dev split.")
+    if len(keep) != len(labels):
+        texts = [texts[i] for i in keep]
+        pairs = None if pairs is None else [pairs[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    return Examples(texts, pairs, labels, source)
+
+
+# --------------------------------------------------------------------------- raw text (perplexity)
+
+
+def load_text(
+    spec: TaskSpec, split: str = "test", data_file: Path | None = None, data_dir: Path | None = None
+) -> tuple[str, str]:
+    """Raw text for perplexity, lines joined with blank lines (the standard WikiText protocol)."""
+    path = locate(spec, split, data_file, data_dir)
+    if path is None:
+        ds = _load_hf(spec, split)
+        return "\n\n".join(ds["text"]), f"datasets:{spec.hf_path}/{spec.hf_name}[{split}]"
+    if path.suffix.lower() in (".jsonl", ".json"):
+        lines = [str(r.get("text", "")) for r in _read_jsonl(path)]
+    else:
+        raw = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        lines = raw.splitlines(keepends=True)
+    return "\n\n".join(lines), str(path)
+
+
+def calibration_texts(path: Path, limit: int | None = None) -> list[str]:
+    """Texts for calibration from a file: one per line (.txt), a ``text`` field (.jsonl) or column 0 (.tsv/.csv)."""
+    if not Path(path).is_file():
+        raise AppError(f"--calib-data {path} does not exist")
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(Path(path))
+        texts = [str(r.get("text") or r.get("sentence") or next(iter(r.values()))) for r in rows]
+    elif suffix in (".tsv", ".csv"):
+        delim = "\t" if suffix == ".tsv" else ","
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(
+                fh, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+            )
+            rows = list(reader)
+        if rows and rows[0] and rows[0][0].lower() in ("sentence", "text", "sentence1", "question", "index"):
+            rows = rows[1:]
+        texts = [r[0] for r in rows if r]
+    else:
+        texts = Path(path).read_text(encoding="utf-8").splitlines()
+    texts = [t for t in (t.strip() for t in texts) if t]
+    if not texts:
+        raise AppError(f"--calib-data {path} holds no text")
+    return texts[:limit] if limit else texts

@@ -1,0 +1,1 @@
+"""One module per UI tab; each exposes ``build(ws)`` called inside the ``gr.Blocks`` context."""

@@ -1,0 +1,97 @@
+"""Each UI tab's handler, driven through the running app's API with ``gradio_client``.
+
+These run the real ``flashsvd`` commands in child processes on the packaged MiniLM (tiny settings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+gradio = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from flashsvd.app.ui import create_ui  # noqa: E402
+from flashsvd.app.ui.handlers import DENSE_DEFAULT  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui-workspace")
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    demo = create_ui(workspace)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    yield gradio_client.Client(url, verbose=False)
+    demo.close()
+
+
+def test_compress_writes_a_checkpoint_and_shows_its_report(client, workspace):
+    _log, card, path = client.predict("default", "svd", 0.5, "", 8, "ui-svd", api_name="/compress")
+    assert Path(path) == workspace / "compressed_models" / "ui-svd"
+    assert (Path(path) / "config.json").is_file()
+    assert "Checkpoint" in card and "svd" in card
+    block = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    assert block["method"] == "svd" and block["keep_ratio"] == 0.5
+
+
+def test_compress_error_is_the_commands_readable_message(client, workspace):
+    with pytest.raises(Exception, match="does not exist") as err:
+        client.predict("/nonexistent/model", "svd", 0.5, "", 8, "bad", api_name="/compress")
+    assert "Traceback" not in str(err.value)
+    assert not (workspace / "compressed_models" / "bad").exists()
+
+
+def test_checkpoints_tab_lists_and_reports(client, workspace):
+    table, _ = client.predict(api_name="/checkpoints")
+    paths = [row[0] for row in table["data"]]
+    assert str(workspace / "compressed_models" / "ui-svd") in paths
+    card, files = client.predict(paths[0], api_name="/checkpoint_report")
+    assert "kept fraction" in card
+    assert any(Path(f).name == "config.json" for f in files)
+
+
+def test_evaluate_fills_the_results_table(client, workspace):
+    folder = str(workspace / "compressed_models" / "ui-svd")
+    _log, table = client.predict([DENSE_DEFAULT, folder], "stsb", "torch", 40, api_name="/evaluate")
+    rows = table["data"]
+    assert len(rows) == 2
+    dense, low = rows
+    assert dense[1] in (None, "dense") and low[1] == "svd"
+    assert 0.3 < float(dense[6]) <= 1.0  # Spearman of the dense MiniLM on 40 STS-B pairs
+    assert len(list((workspace / "results").glob("*.json"))) == 2
+
+
+def test_compare_draws_plots_from_results(client):
+    quality, resources = client.predict(api_name="/compare")
+    assert quality is not None and resources is not None
+
+
+def test_paths_outside_the_workspace_are_refused(client, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    with pytest.raises(Exception, match="outside the checkpoint and results folders"):
+        client.predict(str(outside), api_name="/delete")
+    assert (outside / "config.json").exists()
+    with pytest.raises(Exception, match="outside the checkpoint and results folders"):
+        client.predict(str(outside), api_name="/checkpoint_report")
+
+
+def test_delete_removes_one_checkpoint(client, workspace):
+    folder = workspace / "compressed_models" / "ui-svd"
+    status = client.predict(str(folder), api_name="/delete")
+    assert "deleted" in status and not folder.exists()
+
+
+def test_finetune_streams_a_loss_curve_and_names_the_best_checkpoint(client, workspace):
+    _log, curve, best = client.predict(DENSE_DEFAULT, "sst2", 1, 5e-5, 8, 3, 24, 16, api_name="/finetune")
+    assert curve is not None
+    assert best and Path(best).is_relative_to(workspace / "models" / "finetuned")
+    assert (Path(best) / "config.json").is_file()
