@@ -178,7 +178,8 @@ def run_finetune(ws: Workspace, checkpoint: str, task: str, epochs: float, learn
         yield state.log_tail(), loss_curve(losses(state.output)), ""
     _finish(state)
     best = re.findall(r"(\S+/best)\b", state.output)
-    yield state.log_tail(), loss_curve(losses(state.output)), best[-1] if best else ""
+    # the command prints paths relative to its working directory, the workspace root
+    yield state.log_tail(), loss_curve(losses(state.output)), str(ws.root / best[-1]) if best else ""
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
