@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, upcast_dot
 
 __all__ = ["ACTIVATIONS", "FFNPlan", "ffn_forward_triton", "plan_ffn"]
@@ -141,20 +142,6 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """``x.to(dtype)``; under the interpreter, round fp32 -> bf16 to nearest-even by hand.
-
-    Triton's CPU interpreter *truncates* fp32 -> bf16 conversions (a ~2.8e-3 relative bias that
-    doubles the kernel's error against the float64 oracle); compiled code rounds correctly.
-    """
-    if INTERPRET_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -276,7 +263,7 @@ def _lowrank_ffn_kernel(
         if MODE == 2:
             tl.store(
                 out_ptr + offs_m[:, None] * stride_out + offs_f[None, :],
-                _cast(h, dtype, UPCAST),
+                cast(h, dtype, UPCAST),
                 mask=mask_m[:, None] & mask_f[None, :],
             )
         else:
@@ -287,10 +274,10 @@ def _lowrank_ffn_kernel(
                 mask=mask_f[:, None] & mask_c[None, :],
                 other=0.0,
             )
-            acc = _dot(_cast(h, dtype, UPCAST), u2, acc, UPCAST, PRECISION)
+            acc = _dot(cast(h, dtype, UPCAST), u2, acc, UPCAST, PRECISION)
 
     if MODE == 0:
-        a = _cast(acc, dtype, UPCAST)
+        a = cast(acc, dtype, UPCAST)
         for d0 in range(0, D_OUT, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D_OUT
@@ -304,7 +291,7 @@ def _lowrank_ffn_kernel(
                 o += tl.load(b2_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
             tl.store(
                 out_ptr + offs_m[:, None] * stride_out + offs_d[None, :],
-                _cast(o, dtype, UPCAST),
+                cast(o, dtype, UPCAST),
                 mask=mask_m[:, None] & mask_d[None, :],
             )
     elif MODE == 1:

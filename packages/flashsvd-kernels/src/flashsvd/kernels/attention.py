@@ -39,6 +39,7 @@ from flashsvd.kernels._attention_checks import (
 )
 from flashsvd.kernels._attention_dispatch import launch_tuned
 from flashsvd.kernels._attention_reference import attention_core_reference
+from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, resolve_backend, upcast_dot
 
 __all__ = ["lowrank_attention", "lowrank_attention_reference"]
@@ -151,8 +152,8 @@ def _lowrank_attn_fwd(
             qpos = q_offset + offs_m
         qc, qs = atl.load_rope(COS, SIN, qpos, m_ok, half, s_cos_p, s_cos_d, HALF_P)
         q1, q2 = atl.rotate(q1, q2, qc, qs)
-        q1 = (q1 * qk_scale).to(dt)
-        q2 = (q2 * qk_scale).to(dt)
+        q1 = cast(q1 * qk_scale, dt, UPCAST)
+        q2 = cast(q2 * qk_scale, dt, UPCAST)
         # Key factor halves stay on chip for the whole loop.
         vk_ptr = VK + hk * s_vk_h + offs_rk[:, None] * s_vk_r + offs_hd[None, :] * s_vk_d
         vk_ok = (offs_rk < rk)[:, None] & hd_ok[None, :]
@@ -174,7 +175,7 @@ def _lowrank_attn_fwd(
             VK + hk * s_vk_h + offs_d[:, None] * s_vk_d + offs_rk[None, :] * s_vk_r,
             mask=d_ok[:, None] & (offs_rk < rk)[None, :], other=0.0,
         )  # fmt: skip
-        qt = (atl.dot(q.to(dt), vk_t, IEEE, UPCAST) * qk_scale).to(dt)
+        qt = cast(atl.dot(cast(q, dt, UPCAST), vk_t, IEEE, UPCAST) * qk_scale, dt, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -206,8 +207,8 @@ def _lowrank_attn_fwd(
                 kpos = offs_n
             kc, ks = atl.load_rope(COS, SIN, kpos, n_ok, half, s_cos_p, s_cos_d, HALF_P)
             k1, k2 = atl.rotate(k1, k2, kc, ks)
-            s = atl.dot(q1, tl.trans(k1.to(dt)), IEEE, UPCAST)
-            s += atl.dot(q2, tl.trans(k2.to(dt)), IEEE, UPCAST)
+            s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
+            s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
         else:
             s = atl.dot(qt, tl.trans(pk), IEEE, UPCAST)
         keep = keep_n[None, :]  # rows past M are never stored: no need to mask them
@@ -218,7 +219,7 @@ def _lowrank_attn_fwd(
             PV_bh + offs_n[:, None].to(tl.int64) * s_pv_n + offs_rv[None, :] * s_pv_r,
             mask=keep_n[:, None] & (offs_rv < rv)[None, :], other=0.0,
         )  # fmt: skip
-        acc += atl.dot(p.to(dt), pv, IEEE, UPCAST)
+        acc += atl.dot(cast(p, dt, UPCAST), pv, IEEE, UPCAST)
 
     # Epilogue: (softmax·pv)·vv + bv, once per query tile; rows with no visible key → 0.
     has = l_i > 0.0
@@ -227,14 +228,14 @@ def _lowrank_attn_fwd(
         VV + hk * s_vv_h + offs_rv[:, None] * s_vv_r + offs_d[None, :] * s_vv_d,
         mask=(offs_rv < rv)[:, None] & d_ok[None, :], other=0.0,
     )  # fmt: skip
-    out = atl.dot(o.to(dt), vv_t, IEEE, UPCAST)
+    out = atl.dot(cast(o, dt, UPCAST), vv_t, IEEE, UPCAST)
     if HAS_BV:
         out += tl.load(BV + hk * s_bv_h + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     out = tl.where(has[:, None], out, 0.0)
     tl.store(
         OUT + b.to(tl.int64) * s_o_b + offs_m[:, None].to(tl.int64) * s_o_m + h * s_o_h
         + offs_d[None, :] * s_o_d,
-        out.to(dt), mask=m_ok[:, None] & d_ok[None, :],
+        cast(out, dt, UPCAST), mask=m_ok[:, None] & d_ok[None, :],
     )  # fmt: skip
 
 

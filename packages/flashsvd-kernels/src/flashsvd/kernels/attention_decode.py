@@ -34,6 +34,7 @@ from flashsvd.kernels._attention_checks import (
 )
 from flashsvd.kernels._attention_dispatch import launch_tuned
 from flashsvd.kernels._attention_reference import attention_core_reference
+from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, interpreter_enabled, resolve_backend, upcast_dot
 from flashsvd.kernels.attention import LOG2E, _align, _bucket, _pow2
 from flashsvd.kernels.kv_cache import RankSpaceKVCache
@@ -115,8 +116,8 @@ def _decode_split_kernel(
             qpos = q_slot
         qc, qs = atl.load_rope(COS, SIN, qpos, r_ok, half, s_cos_p, s_cos_d, HALF_P)
         q1, q2 = atl.rotate(q1, q2, qc, qs)
-        q1 = (q1 * qk_scale).to(dt)
-        q2 = (q2 * qk_scale).to(dt)
+        q1 = cast(q1 * qk_scale, dt, UPCAST)
+        q2 = cast(q2 * qk_scale, dt, UPCAST)
         vk_ptr = VK + hk * s_vk_h + offs_rk[:, None] * s_vk_r + offs_hd[None, :] * s_vk_d
         vk_ok = (offs_rk < rk)[:, None] & hd_ok[None, :]
         vk1 = tl.load(vk_ptr, mask=vk_ok, other=0.0)
@@ -144,7 +145,7 @@ def _decode_split_kernel(
             VK + hk * s_vk_h + offs_d[:, None] * s_vk_d + offs_rk[None, :] * s_vk_r,
             mask=d_ok[:, None] & (offs_rk < rk)[None, :], other=0.0,
         )  # fmt: skip
-        qt = (atl.dot(q.to(dt), vk_t, IEEE, UPCAST) * qk_scale).to(dt)
+        qt = cast(atl.dot(cast(q, dt, UPCAST), vk_t, IEEE, UPCAST) * qk_scale, dt, UPCAST)
 
     m_i = tl.full([ROWS_P], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_P], tl.float32)
@@ -177,8 +178,8 @@ def _decode_split_kernel(
                 kpos = offs_n
             kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
             k1, k2 = atl.rotate(k1, k2, kc, ks)
-            s = atl.dot(q1, tl.trans(k1.to(dt)), IEEE, UPCAST)
-            s += atl.dot(q2, tl.trans(k2.to(dt)), IEEE, UPCAST)
+            s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
+            s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
         else:
             s = atl.dot(qt, tl.trans(pk), IEEE, UPCAST)
         keep = keep_n[None, :] & r_ok[:, None] & (offs_n[None, :] <= q_slot[:, None])
@@ -187,7 +188,7 @@ def _decode_split_kernel(
             PV_bh + offs_n[:, None].to(tl.int64) * s_pv_n + offs_rv[None, :] * s_pv_r,
             mask=keep_n[:, None] & (offs_rv < rv)[None, :], other=0.0,
         )  # fmt: skip
-        acc += atl.dot(p.to(dt), pv, IEEE, UPCAST)
+        acc += atl.dot(cast(p, dt, UPCAST), pv, IEEE, UPCAST)
 
     base = (pid_bh * N_SPLITS + split).to(tl.int64) * ROWS_P
     tl.store(MAX + base + offs_r, m_i)
@@ -236,7 +237,7 @@ def _decode_reduce_kernel(
         VV + hk * s_vv_h + offs_rv[:, None] * s_vv_r + offs_d[None, :] * s_vv_d,
         mask=(offs_rv < rv)[:, None] & d_ok[None, :], other=0.0,
     )  # fmt: skip
-    out = atl.dot(o.to(dt), vv_t, IEEE, UPCAST)
+    out = atl.dot(cast(o, dt, UPCAST), vv_t, IEEE, UPCAST)
     if HAS_BV:
         out += tl.load(BV + hk * s_bv_h + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     out = tl.where(has[:, None], out, 0.0)
@@ -245,7 +246,7 @@ def _decode_reduce_kernel(
     head = hk * GROUP + g
     tl.store(
         OUT + b.to(tl.int64) * s_o_b + t[:, None] * s_o_t + head[:, None] * s_o_h + offs_d[None, :] * s_o_d,
-        out.to(dt), mask=(offs_r < R)[:, None] & d_ok[None, :],
+        cast(out, dt, UPCAST), mask=(offs_r < R)[:, None] & d_ok[None, :],
     )  # fmt: skip
 
 
