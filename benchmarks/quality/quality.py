@@ -59,6 +59,12 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=None)
     p.add_argument("--only", nargs="+", default=None, help="subset of method variants")
     p.add_argument("--smoke", action="store_true", help="tiny eval/calibration sets to check the pipeline")
+    p.add_argument(
+        "--n-calib",
+        type=int,
+        default=None,
+        help="calibration size (MiniLM: sentences; SmolLM2: 256-token windows)",
+    )
     p.add_argument("--tag", default="", help="suffix of the CSV name")
     p.add_argument("--plot", type=Path, default=None, help="only plot an existing CSV")
     a = p.parse_args()
@@ -74,11 +80,15 @@ def main() -> None:
     if a.model == "minilm":
         import minilm
 
-        minilm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.75, 0.5)), only=only, smoke=a.smoke)
+        kw = {"n_calib": a.n_calib} if a.n_calib else {}
+        minilm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.75, 0.5)), only=only, smoke=a.smoke, **kw)
     else:
         import smollm
 
-        smollm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.8, 0.75, 0.5)), only=only, smoke=a.smoke)
+        kw = {"n_calib": a.n_calib} if a.n_calib else {}
+        smollm.run(
+            a.out, writer, ratios=tuple(a.ratios or (0.9, 0.8, 0.75, 0.5)), only=only, smoke=a.smoke, **kw
+        )
     try:
         log(f"wrote {plot(csv_path)}")
     except ImportError:

@@ -92,7 +92,12 @@ PRIORITY = ["fisher-alloc", "fisher-alloc+seq+update", "ranks->whiten", "sensiti
 
 
 def run(
-    out_dir: Path, writer, ratios=(0.9, 0.8, 0.75, 0.5), only: set | None = None, smoke: bool = False
+    out_dir: Path,
+    writer,
+    ratios=(0.9, 0.8, 0.75, 0.5),
+    only: set | None = None,
+    smoke: bool = False,
+    n_calib: int = 32,
 ) -> None:
     torch.manual_seed(0)
     model, tok = load()
@@ -102,7 +107,7 @@ def run(
     ids = tok(wikitext_test_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n_eval = 2 if smoke else 32
     evalw = windows(ids, n_eval, 512)
-    n_calib, n_fisher = (4, 2) if smoke else (32, 16)
+    n_calib, n_fisher = (4, 2) if smoke else (n_calib, 16)
     stream = tok("\n".join(sst2_sentences(6000)), add_special_tokens=False, return_tensors="pt")["input_ids"][
         0
     ]

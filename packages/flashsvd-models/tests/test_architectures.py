@@ -1,6 +1,7 @@
 """Every adapter on a random tiny config: full-rank parity with HF, backend agreement, checkpoints."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -95,6 +96,37 @@ def test_generate_same_tokens_on_both_backends(tiny, make_inputs, kind):
         ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0
     )
     assert sampled.shape == (2, 11)
+
+
+@pytest.mark.parametrize("kind", ("llama", "gpt2"))
+def test_cached_steps_run_on_the_decode_kernel(tiny, make_inputs, kind, monkeypatch):
+    """Cached steps of 6, 1 and 3 new tokens run on the decode kernel; their logits
+    equal a single uncached forward over the whole (left-padded) sequence on the torch backend."""
+    import flashsvd.models.runtime as rt
+
+    model, _ = fm.compress(tiny(kind), keep_ratio=0.6)
+    ids, mask = make_inputs(kind, seq=10)
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    fm.set_backend(model, "flash")
+    calls = []
+    real = rt.lowrank_attention_decode
+    monkeypatch.setattr(
+        rt, "lowrank_attention_decode", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k)
+    )
+    with torch.no_grad():
+        cut = (6, 7, 10)
+        out = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True, position_ids=pos[:, :6])
+        parts, cache = [out.logits], out.past_key_values
+        for a, b in itertools.pairwise(cut):
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True,
+                        position_ids=pos[:, a:b])  # fmt: skip
+            parts.append(out.logits)
+    n_layers = model.config.num_hidden_layers
+    assert calls == [t for t in (6, 1, 3) for _ in range(n_layers)]  # every step, every layer
+    got = torch.cat(parts, dim=1)
+    torch.testing.assert_close(_valid(got, mask), _valid(ref, mask), atol=1e-4, rtol=1e-4)
 
 
 def test_flash_cache_is_rank_space(tiny, make_inputs):

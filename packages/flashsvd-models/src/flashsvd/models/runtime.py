@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from flashsvd.kernels.attention import lowrank_attention
+from flashsvd.kernels.attention_decode import lowrank_attention_decode
 from flashsvd.kernels.ffn import FFNFactors, GatedFFNFactors, lowrank_ffn, lowrank_gated_ffn
 from flashsvd.models.cache import rank_space_layer
 from flashsvd.models.lowrank import LowRankLinear
@@ -33,6 +34,10 @@ __all__ = [
     "swap_in",
     "swap_out",
 ]
+
+# Cached steps with at most this many new tokens (a generate() step, speculative drafts) run on the
+# split-K decode kernel; longer chunks (prefill) run on the prefill kernel.
+DECODE_MAX_NEW_TOKENS = 16
 
 # HF activation names → kernel activation names.
 FFN_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -204,19 +209,33 @@ class FlashAttention(FlashBlock):
         if self.rope is not None:
             n_pos = int(max(int(positions.max()), int(key_positions.max()))) + 1
             rope = self.rope(n_pos, hidden_states)
-        out = lowrank_attention(
-            pq, pk, pv, q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
-            key_padding_mask=key_valid, causal=self.causal, rope=rope,
+        factors = (q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v))
+        rope_kw = dict(
+            rope=rope,
             positions=positions if rope is not None else None,
             key_positions=key_positions if rope is not None else None,
-            q_offset=N - M, scale=self.scale, backend=self.kernel_backend,
-        )  # fmt: skip
+        )
+        if self._use_decode_kernel(cache, M, pq):
+            out = lowrank_attention_decode(
+                pq, (pk, pv), *factors, key_padding_mask=key_valid, scale=self.scale,
+                backend=self.kernel_backend, **rope_kw,
+            )  # fmt: skip
+        else:
+            out = lowrank_attention(
+                pq, pk, pv, *factors, key_padding_mask=key_valid, causal=self.causal, q_offset=N - M,
+                scale=self.scale, backend=self.kernel_backend, **rope_kw,
+            )  # fmt: skip
         out = out.reshape(B, M, -1)
         if self._paths["o"] is not None:
             out = get_module(self, self._paths["o"])(out)
         for path in self._post:
             out = get_module(self, path)(out)
         return out, None
+
+    def _use_decode_kernel(self, cache, n_new: int, pq: torch.Tensor) -> bool:
+        """A cached causal step of few tokens, without autograd (the decode kernel has no backward)."""
+        needs_grad = torch.is_grad_enabled() and pq.requires_grad
+        return cache is not None and self.causal and n_new <= DECODE_MAX_NEW_TOKENS and not needs_grad
 
     def _too_long_for_window(self, hidden_states: torch.Tensor, kwargs) -> bool:
         cache = kwargs.get("past_key_values") if self.use_cache else None
