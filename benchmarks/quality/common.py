@@ -64,6 +64,22 @@ def wikitext_test_text() -> str:
     return "\n\n".join(raw.splitlines())
 
 
+def wikitext_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` sentences (6–60 words, headings skipped) sampled from WikiText-2 test — for encoder calibration
+    only (the decoder's perplexity is measured on this text, so SmolLM2 never calibrates on it)."""
+    raw = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    sents = []
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sent in line.split(" . "):
+            words = sent.split()
+            if 6 <= len(words) <= 60:
+                sents.append(" ".join(words).replace(" @-@ ", "-").replace(" ,", ",") + ".")
+    return random.Random(seed).sample(sents, n)
+
+
 # ---- targets and factorization -------------------------------------------------------------------------
 @dataclass
 class Target:
@@ -92,8 +108,15 @@ def apply_factorization(
         if r is None:
             continue
         st = None if stats is None else stats.get(t.name)
-        f = factorize(t.module.weight.data, r, method=method, stats=st, n_heads=t.n_heads, **options)
+        bias = t.module.bias.data if t.module.bias is not None else None
+        f = factorize(
+            t.module.weight.data, r, method=method, stats=st, bias=bias, n_heads=t.n_heads, **options
+        )
         t.module.weight.data.copy_(f.merged_weight().to(t.module.weight.dtype))
+        if f.bias is not None and bias is not None:
+            bias.copy_(f.bias)
+        elif f.bias is not None:
+            raise ValueError(f"{t.name}: the factorization added a bias the dense layer cannot hold")
         errors[t.name] = f.error
     return errors
 
@@ -102,11 +125,20 @@ class Snapshot:
     """Saves target weights so every table cell starts from the dense model."""
 
     def __init__(self, targets: Iterable[Target]) -> None:
-        self.saved = {t.name: (t.module, t.module.weight.data.clone()) for t in targets}
+        self.saved = {
+            t.name: (
+                t.module,
+                t.module.weight.data.clone(),
+                None if t.module.bias is None else t.module.bias.data.clone(),
+            )
+            for t in targets
+        }
 
     def restore(self) -> None:
-        for module, w in self.saved.values():
+        for module, w, b in self.saved.values():
             module.weight.data.copy_(w)
+            if b is not None:
+                module.bias.data.copy_(b)
 
 
 class _Stop(Exception):

@@ -16,6 +16,7 @@ calibration sentences with one layer truncated.
 from __future__ import annotations
 
 import importlib.util
+import random
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from common import (
     save_json,
     sst2_sentences,
     stsb_pairs,
+    wikitext_sentences,
 )
 from scipy.stats import spearmanr
 
@@ -62,8 +64,8 @@ def load():
     return model, AutoTokenizer.from_pretrained(d)
 
 
-def targets_of(model) -> list[Target]:
-    heads = model.config.num_attention_heads
+def targets_of(model, whole_qkv: bool = False) -> list[Target]:
+    heads = None if whole_qkv else model.config.num_attention_heads
     out = []
     for i, layer in enumerate(model.encoder.layer):
         att = layer.attention
@@ -151,7 +153,14 @@ def simcse_fisher(model, tok, targets, sentences: list[str], bs: int = 32):
     return stats
 
 
-PRIORITY = ["fisher-alloc", "fisher-alloc+seq+update", "ranks->whiten", "sensitivity", "uniform"]
+PRIORITY = [
+    "fisher-alloc+out-fisher",
+    "fisher-alloc",
+    "fisher-alloc+seq+update",
+    "ranks->whiten",
+    "sensitivity",
+    "uniform",
+]
 
 
 def run(
@@ -161,19 +170,27 @@ def run(
     n_calib: int = 256,
     only: set | None = None,
     smoke: bool = False,
+    whole_qkv: bool = False,
+    calib_source: str = "sst2",
 ) -> None:
+    """``whole_qkv``: factor Q/K/V as whole matrices (a diagnostic; the kernels need per-head factors)."""
     torch.manual_seed(0)
     model, tok = load()
-    targets = targets_of(model)
+    targets = targets_of(model, whole_qkv)
     shapes = [t.shape for t in targets]
     snap = Snapshot(targets)
     sts = STSB(tok, limit=300 if smoke else None)
     n_calib = 48 if smoke else n_calib
-    calib = sst2_sentences(n_calib)
+    if calib_source == "mixed":  # half SST-2 train, half WikiText-2 sentences
+        calib = sst2_sentences(n_calib - n_calib // 2) + wikitext_sentences(n_calib // 2)
+        random.Random(0).shuffle(calib)
+    else:
+        calib = sst2_sentences(n_calib)
     batches = calibration_batches(tok, calib)
     dense_calib = embed(model, tok, calib)
 
     def cell(method, variant, keep, alloc, value, t0):
+        variant = f"{variant}+whole-qkv" if whole_qkv and method != "dense" else variant
         n_dense = sum(1 for r in alloc.ranks.values() if r is None) if alloc else 0
         writer.row(
             model="all-MiniLM-L6-v2",
@@ -348,6 +365,56 @@ def run(
                         lambda a: sequential(a.ranks, "svdllm", update="v"),
                     )
                 )
+        if want("whiten-center"):
+            plans.append(
+                (
+                    "whiten",
+                    "uniform+center",
+                    uni,
+                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, center=True),
+                )
+            )
+        if want("fisher-alloc-center") or want("fisher-alloc-seq-center"):
+            curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
+            a_fc = allocate_by_curves(shapes, curves, keep)
+            if want("fisher-alloc-center"):
+                plans.append(
+                    (
+                        "whiten",
+                        "fisher-alloc+center",
+                        a_fc,
+                        lambda a: apply_factorization(targets, a.ranks, "whiten", stats, center=True),
+                    )
+                )
+            if want("fisher-alloc-seq-center"):
+                plans.append(
+                    (
+                        "svdllm",
+                        "fisher-alloc+seq+update+center",
+                        a_fc,
+                        lambda a: sequential(a.ranks, "svdllm", update="v", center=True),
+                    )
+                )
+        if want("fisher-alloc-ofisher"):
+            curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
+            a_fo = allocate_by_curves(shapes, curves, keep)
+            plans.append(
+                (
+                    "whiten",
+                    "fisher-alloc+out-fisher",
+                    a_fo,
+                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
+                )
+            )
+        if want("whiten-ofisher"):
+            plans.append(
+                (
+                    "whiten",
+                    "uniform+out-fisher",
+                    uni,
+                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
+                )
+            )
         if want("whiten-energy"):
             a_en = allocate_by_curves(shapes, spectrum_curves(spectra), keep)
             plans.append(

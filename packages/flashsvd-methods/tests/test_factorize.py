@@ -173,3 +173,76 @@ def test_singular_gram_is_handled(gen):
     # rank 3 is enough to reproduce W on the data subspace
     rel = torch.linalg.norm((w - f.merged_weight()) @ x.T) / torch.linalg.norm(w @ x.T)
     assert rel < 1e-3
+
+
+# ---- centering: the best affine fit on the calibration data -----------------------------------------
+def _affine_error(w, b, f, x) -> float:
+    y = x @ w.T + b
+    return float((x @ f.merged_weight().T + f.bias - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("method", ["whiten", "svdllm"])
+@pytest.mark.parametrize("n_heads", [None, 4])
+def test_center_folds_the_mean_into_the_bias(method, n_heads, gen):
+    w = lowrank_plus_noise(32, 24, 6, gen)
+    b = torch.randn(32, generator=gen, dtype=torch.float64)
+    offset = 3.0 * torch.randn(24, generator=gen, dtype=torch.float64)  # LayerNorm-like mean shift
+    x = anisotropic_inputs(600, 24, gen) + offset
+    st = make_stats(w, x, gen)
+    plain = factorize(w, 3, method, stats=st, bias=b, n_heads=n_heads)
+    centered = factorize(w, 3, method, stats=st, bias=b, n_heads=n_heads, center=True)
+    assert centered.info["centered"] and centered.bias is not None
+    assert _affine_error(w, b, centered, x) < 0.9 * _affine_error(w, b, plain, x)
+    full = factorize(w, 8 if n_heads else 24, method, stats=st, bias=b, n_heads=n_heads, center=True)
+    torch.testing.assert_close(full.merged_weight(), w, atol=1e-8, rtol=0)
+    torch.testing.assert_close(full.bias, b, atol=1e-8, rtol=0)  # exact weight: nothing to fold
+    no_bias = factorize(w, 3, method, stats=st, n_heads=n_heads, center=True)
+    torch.testing.assert_close(no_bias.bias, centered.bias - b)
+
+
+def test_center_with_paired_statistics_is_affine_regression(gen):
+    """At full rank with ``cross``: ``Ŵ, b'`` = least squares of the dense outputs on ``[X̃, 1]``."""
+    w = lowrank_plus_noise(10, 8, 3, gen)
+    b = torch.randn(10, generator=gen, dtype=torch.float64)
+    x_ref = anisotropic_inputs(400, 8, gen) + 2.0
+    x_act = x_ref + 0.1 * torch.randn(400, 8, generator=gen, dtype=torch.float64) + 0.3
+    st = LayerStatistics(8)
+    st.update(x_act)
+    st.update_cross(x_act, x_ref)
+    f = factorize(w, 8, "whiten", stats=st, bias=b, center=True)
+    design = torch.cat([x_act, torch.ones(400, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, x_ref @ w.T + b).solution  # [9, 10]
+    torch.testing.assert_close(f.merged_weight(), sol[:8].T, atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(f.bias, sol[8], atol=1e-7, rtol=1e-7)
+
+
+def test_center_needs_an_output_fitting_method(gen):
+    w = lowrank_plus_noise(8, 8, 2, gen)
+    st = make_stats(w, anisotropic_inputs(50, 8, gen), gen)
+    with pytest.raises(ValueError, match="center=True needs"):
+        factorize(w, 2, "svd", stats=st, center=True)
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        factorize(w, 2, "whiten", center=True)
+
+
+def test_output_fisher_whitening_minimizes_the_weighted_error(gen):
+    """``output_fisher=True`` optimizes ``‖diag(f)(W − Ŵ)Xᵀ‖`` with ``f = √grad_out_sq``: lower there than plain."""
+    w = lowrank_plus_noise(24, 16, 5, gen)
+    x = anisotropic_inputs(300, 16, gen)
+    st = make_stats(w, x, gen)
+    st.update_output_grad(
+        torch.randn(300, 24, generator=gen, dtype=torch.float64) * torch.logspace(1, -1, 24)
+    )
+    f = st.grad_out_sq.sqrt()
+
+    def weighted(fac):
+        return float((f[:, None] * (w - fac.merged_weight()) @ x.T).norm())
+
+    plain = factorize(w, 3, "whiten", stats=st)
+    fisher = factorize(w, 3, "whiten", stats=st, output_fisher=True)
+    assert fisher.info["output_fisher"] and weighted(fisher) < 0.95 * weighted(plain)
+    assert fisher.data_error >= plain.data_error - 1e-12  # plain whitening stays optimal unweighted
+    exact = factorize(w, 16, "whiten", stats=st, output_fisher=True)
+    torch.testing.assert_close(exact.merged_weight(), w, atol=1e-8, rtol=0)
+    with pytest.raises(CalibrationMissingError, match="grad_out_sq"):
+        factorize(w, 3, "whiten", stats=make_stats(w, x, gen), output_fisher=True)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from flashsvd.methods.calibration import LayerStatistics
-from flashsvd.methods.errors import CalibrationMissingError, ShapeError
+from flashsvd.methods.errors import CalibrationMissingError, FlashSVDMethodError, ShapeError
 from flashsvd.methods.factorization import Factorization
 from flashsvd.methods.linalg import check_finite
 from flashsvd.methods.ranks import check_rank
@@ -21,6 +21,8 @@ def factorize(
     stats: LayerStatistics | None = None,
     bias: torch.Tensor | None = None,
     n_heads: int | None = None,
+    *,
+    center: bool = False,
     **options: Any,
 ) -> Factorization:
     """Factorize an ``nn.Linear``-layout weight ``[out, in]`` into ``u [in, r]``, ``v [r, out]``.
@@ -33,6 +35,9 @@ def factorize(
         bias: optional ``[out]`` bias, carried into the result.
         n_heads: split the output dim into heads and factor each with ``rank`` (``u [in, H·r]``,
             ``v [H, r, d_head]``).
+        center: fit the *centered* inputs (``whiten``/``svdllm``) and fold the mean into the bias,
+            ``b' = b + W·μ_ref − Ŵ·μ``: the best affine approximation on the calibration data. The
+            result then always has a bias (a layer without one gets it).
         **options: method options (e.g. ``alpha`` for asvd, ``update`` for svdllm, ``damping``).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -60,9 +65,22 @@ def factorize(
         raise ShapeError(f"statistics are for {stats.in_features} input features, weight has {in_f}.")
     check_finite(weight, "weight")
     w64 = weight.detach().to(torch.float64)
-    u, v, info = spec.fn(w64, rank, stats=stats, n_heads=n_heads, **options)
+    fit_stats = stats
+    if center:
+        if spec.name not in CENTERABLE or stats is None:
+            raise FlashSVDMethodError(
+                f"center=True needs a method that fits calibration outputs ({', '.join(CENTERABLE)}) and its "
+                f"statistics; got method '{spec.name}'{' without stats' if stats is None else ''}."
+            )
+        fit_stats = stats.centered()
+    u, v, info = spec.fn(w64, rank, stats=fit_stats, n_heads=n_heads, **options)
     result = Factorization(u, v, bias, rank, spec.name, info=info)
     merged = result.merged_weight()
+    if center:
+        b64 = torch.zeros(out_f, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+        shift = w64 @ stats.reference_mean.to(torch.float64) - merged @ stats.mean.to(torch.float64)
+        result.bias = (b64.to(shift.device) + shift).to(weight.dtype if bias is None else bias.dtype)
+        result.info = dict(info, centered=True)
     diff = w64 - merged
     result.error = float(diff.norm() / w64.norm().clamp_min(1e-300))
     if stats is not None and stats.gram is not None:
@@ -74,6 +92,9 @@ def factorize(
     result.u = u.to(dtype)
     result.v = v.to(dtype)
     return result
+
+
+CENTERABLE = ("whiten", "svdllm")
 
 
 def _has_override(name: str, options: dict[str, Any]) -> bool:

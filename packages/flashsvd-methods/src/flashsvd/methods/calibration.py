@@ -3,7 +3,8 @@
 Per layer we keep only ``O(in²)`` float64 state, so memory is bounded by the layer sizes and not by
 the number of calibration tokens:
 
-* ``gram = XᵀX`` (float64) over every token that entered the layer (``X: [tokens, in]``),
+* ``gram = XᵀX`` (float64) over every token that entered the layer (``X: [tokens, in]``), and the
+  column sums ``x_sum`` (so methods can work on the centered covariance and fold the mean into the bias),
 * ``abs_sum`` / ``abs_max`` of the inputs per input feature (ASVD's activation scales),
 * ``cross = X̃ᵀ X_ref`` when the layer's actual inputs ``X̃`` (from an already-compressed prefix) are
   paired with reference inputs ``X_ref`` of the dense model (used to steer the factorization towards
@@ -57,7 +58,10 @@ class LayerStatistics:
     n_tokens: int = 0
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
+    x_sum: torch.Tensor | None = None
     cross: torch.Tensor | None = None
+    ref_sum: torch.Tensor | None = None
+    n_cross_tokens: int = 0
     fisher_in: torch.Tensor | None = None
     fisher_out: torch.Tensor | None = None
     grad_out_sq: torch.Tensor | None = None
@@ -74,6 +78,8 @@ class LayerStatistics:
         if gram:
             g = x64.T @ x64
             self.gram = g if self.gram is None else self.gram.add_(g)
+            xs = x64.sum(0)
+            self.x_sum = xs if self.x_sum is None else self.x_sum.add_(xs)
         if scales:
             a = x64.abs()
             s, m = a.sum(0), a.amax(0) if a.shape[0] else torch.zeros_like(a[0])
@@ -89,6 +95,9 @@ class LayerStatistics:
             raise ShapeError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}.")
         c = a.T @ b
         self.cross = c if self.cross is None else self.cross.add_(c)
+        rs = b.sum(0)
+        self.ref_sum = rs if self.ref_sum is None else self.ref_sum.add_(rs)
+        self.n_cross_tokens += a.shape[0]
 
     def update_weight_grad(self, grad: torch.Tensor) -> None:
         """Add the squared gradient of an ``[out, in]`` weight, summed per input and per output."""
@@ -118,6 +127,40 @@ class LayerStatistics:
         if self.gram is None or self.n_tokens == 0:
             return None
         return self.gram / self.n_tokens
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        """Mean input ``x_sum / n_tokens`` (float64), or ``None`` if no Gram was collected."""
+        if self.x_sum is None or self.n_tokens == 0:
+            return None
+        return self.x_sum / self.n_tokens
+
+    @property
+    def reference_mean(self) -> torch.Tensor | None:
+        """Mean of the paired dense-model inputs (sequential mode), else the mean input."""
+        if self.ref_sum is None or self.n_cross_tokens == 0:
+            return self.mean
+        return self.ref_sum / self.n_cross_tokens
+
+    def centered(self) -> LayerStatistics:
+        """A copy whose ``gram``/``cross`` are about the means: ``XᵀX − n·μμᵀ``, ``X̃ᵀX_ref − n·μ̃μ_refᵀ``.
+
+        Minimizing the error on centered inputs and then correcting the bias by the mean
+        (:func:`flashsvd.methods.factorize` with ``center=True``) is the optimal *affine* fit; the plain
+        Gram spends rank on reproducing the mean, which a bias does for free.
+        """
+        mu = self.require("x_sum", "centering") / max(self.n_tokens, 1)
+        gram = self.require("gram", "centering") - self.n_tokens * torch.outer(mu, mu)
+        moved = dict(self.__dict__, gram=(gram + gram.T) / 2)
+        if self.cross is not None:
+            if self.ref_sum is None:
+                raise CalibrationMissingError(
+                    "centering needs the reference-input sums of the paired statistics; recollect them "
+                    "with this version of flashsvd.methods."
+                )
+            mu_ref = self.ref_sum / max(self.n_cross_tokens, 1)
+            moved["cross"] = self.cross - self.n_cross_tokens * torch.outer(mu, mu_ref)
+        return LayerStatistics(**moved)
 
     def require(self, field_name: str, method: str) -> torch.Tensor:
         """The named statistic, checked present and finite, or a clear error naming the method."""

@@ -40,8 +40,14 @@ def whiten_method(
     n_heads: int | None = None,
     damping: float = 0.0,
     use_cross: bool = True,
+    output_fisher: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """DRONE closed form; targets the dense outputs when paired ``cross`` statistics are present."""
+    """DRONE closed form; targets the dense outputs when paired ``cross`` statistics are present.
+
+    ``output_fisher``: also weight each output by ``√E[(∂L/∂y)²]`` (the ``grad_out_sq`` statistic), i.e.
+    minimize ``‖diag(f)(W − Ŵ)Xᵀ‖`` — errors on outputs the loss is sensitive to cost more (the
+    two-sided closed form; FWSVD's idea on the output side, whitening on the input side).
+    """
     transform = whitening_of(stats, "whiten", damping)
     w = weight
     target = "inputs"
@@ -54,5 +60,20 @@ def whiten_method(
         )
         check_finite(w, "regression target W·crossᵀ·G⁻¹")
         target = "dense outputs"
-    u, v, _ = factor_heads(w, rank, transform=transform, n_heads=n_heads)
-    return u, v, {"jitter": transform.jitter, "fallback": transform.fallback, "target": target}
+    out_scale = output_fisher_scale(stats) if output_fisher else None
+    u, v, _ = factor_heads(w, rank, transform=transform, out_scale=out_scale, n_heads=n_heads)
+    info = {"jitter": transform.jitter, "fallback": transform.fallback, "target": target}
+    if output_fisher:
+        info["output_fisher"] = True
+    return u, v, info
+
+
+def output_fisher_scale(stats: LayerStatistics | None, floor: float = 1e-3) -> torch.Tensor:
+    """``√(grad_out_sq / mean)`` floored at ``floor`` (relative), so no output gets zero weight."""
+    if stats is None:
+        raise CalibrationMissingError(
+            "output_fisher=True needs calibration statistics with output gradients."
+        )
+    g = stats.require("grad_out_sq", "whiten(output_fisher=True)").to(torch.float64)
+    g = g / g.mean().clamp_min(1e-300)
+    return g.clamp_min(floor).sqrt()
