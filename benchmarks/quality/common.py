@@ -64,22 +64,6 @@ def wikitext_test_text() -> str:
     return "\n\n".join(raw.splitlines())
 
 
-def wikitext_sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` sentences (6–60 words, headings skipped) sampled from WikiText-2 test — for encoder calibration
-    only (the decoder's perplexity is measured on this text, so SmolLM2 never calibrates on it)."""
-    raw = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
-    sents = []
-    for line in raw.splitlines():
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        for sent in line.split(" . "):
-            words = sent.split()
-            if 6 <= len(words) <= 60:
-                sents.append(" ".join(words).replace(" @-@ ", "-").replace(" ,", ",") + ".")
-    return random.Random(seed).sample(sents, n)
-
-
 # ---- targets and factorization -------------------------------------------------------------------------
 @dataclass
 class Target:

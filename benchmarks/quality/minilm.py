@@ -16,7 +16,6 @@ calibration sentences with one layer truncated.
 from __future__ import annotations
 
 import importlib.util
-import random
 import time
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from common import (
     save_json,
     sst2_sentences,
     stsb_pairs,
-    wikitext_sentences,
 )
 from scipy.stats import spearmanr
 
@@ -171,7 +169,6 @@ def run(
     only: set | None = None,
     smoke: bool = False,
     whole_qkv: bool = False,
-    calib_source: str = "sst2",
 ) -> None:
     """``whole_qkv``: factor Q/K/V as whole matrices (a diagnostic; the kernels need per-head factors)."""
     torch.manual_seed(0)
@@ -181,11 +178,7 @@ def run(
     snap = Snapshot(targets)
     sts = STSB(tok, limit=300 if smoke else None)
     n_calib = 48 if smoke else n_calib
-    if calib_source == "mixed":  # half SST-2 train, half WikiText-2 sentences
-        calib = sst2_sentences(n_calib - n_calib // 2) + wikitext_sentences(n_calib // 2)
-        random.Random(0).shuffle(calib)
-    else:
-        calib = sst2_sentences(n_calib)
+    calib = sst2_sentences(n_calib)
     batches = calibration_batches(tok, calib)
     dense_calib = embed(model, tok, calib)
 

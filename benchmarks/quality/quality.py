@@ -65,9 +65,6 @@ def main() -> None:
         default=None,
         help="calibration size (MiniLM: sentences; SmolLM2: 256-token windows)",
     )
-    p.add_argument(
-        "--calib-source", choices=["sst2", "mixed"], default="sst2", help="MiniLM calibration text"
-    )
     p.add_argument("--whole-qkv", action="store_true", help="MiniLM: factor Q/K/V whole (diagnostic)")
     p.add_argument("--tag", default="", help="suffix of the CSV name")
     p.add_argument("--plot", type=Path, default=None, help="only plot an existing CSV")
@@ -85,7 +82,7 @@ def main() -> None:
         import minilm
 
         kw = {"n_calib": a.n_calib} if a.n_calib else {}
-        kw.update(whole_qkv=a.whole_qkv, calib_source=a.calib_source)
+        kw["whole_qkv"] = a.whole_qkv
         minilm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.75, 0.5)), only=only, smoke=a.smoke, **kw)
     else:
         import smollm
