@@ -244,6 +244,8 @@ def run(
         sens["whiten"] = sensitivity("whiten")
         save_json(out_dir / "quality_minilm_sensitivity_whiten.json", sens["whiten"])
     spectra = {t.name: layer_spectrum(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
+    # Loss curves depend only on the dense weights and the statistics: one table for every keep_ratio.
+    curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
 
     def sequential(ranks, method, **opts):
         """Block-by-block, compressed outputs fed forward, cross statistics towards the dense model."""
@@ -277,6 +279,7 @@ def run(
 
     for keep in ratios:
         uni = uniform_keep_ratio(shapes, keep)
+        a_f = allocate_by_curves(shapes, curves, keep)  # shared by every "fisher-alloc" variant
         plans = []
         if want("svd"):
             plans.append(("svd", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "svd")))
@@ -337,8 +340,6 @@ def run(
                 ("ars", "ranks->svdllm+seq", ars, lambda a: sequential(a.ranks, "svdllm", update="v"))
             )
         if want("fisher-alloc") or want("fisher-alloc-seq"):
-            curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
-            a_f = allocate_by_curves(shapes, curves, keep)
             save_json(out_dir / f"quality_minilm_fisher_ranks_{keep}.json", a_f.to_json())
             if want("fisher-alloc"):
                 plans.append(
@@ -368,14 +369,12 @@ def run(
                 )
             )
         if want("fisher-alloc-center") or want("fisher-alloc-seq-center"):
-            curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
-            a_fc = allocate_by_curves(shapes, curves, keep)
             if want("fisher-alloc-center"):
                 plans.append(
                     (
                         "whiten",
                         "fisher-alloc+center",
-                        a_fc,
+                        a_f,
                         lambda a: apply_factorization(targets, a.ranks, "whiten", stats, center=True),
                     )
                 )
@@ -384,18 +383,16 @@ def run(
                     (
                         "svdllm",
                         "fisher-alloc+seq+update+center",
-                        a_fc,
+                        a_f,
                         lambda a: sequential(a.ranks, "svdllm", update="v", center=True),
                     )
                 )
         if want("fisher-alloc-ofisher"):
-            curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
-            a_fo = allocate_by_curves(shapes, curves, keep)
             plans.append(
                 (
                     "whiten",
                     "fisher-alloc+out-fisher",
-                    a_fo,
+                    a_f,
                     lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
                 )
             )
