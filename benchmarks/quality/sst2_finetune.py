@@ -9,10 +9,13 @@ Protocol (every step through ``flashsvd.app``, the same code the CLI runs):
 3. append one CSV row per model to ``--out`` as soon as it is measured (dense first).
 
 ``--train-samples``/``--dev-samples`` take seeded subsets so the run fits a CPU budget; the CSV records
-the sizes used. Usage::
+the sizes used. ``--dense-checkpoint DIR`` trains the dense classifier once and lets later processes
+(one per method, in parallel on one GPU) reuse it. Usage (the committed GPU table: full splits)::
 
-    python benchmarks/quality/sst2_finetune.py --data-dir ../shared/data \
-        --out benchmarks/results/sst2_finetune_cpu.csv --train-samples 2000 --dev-samples 1000
+    python benchmarks/quality/sst2_finetune.py --data-dir ../shared/data --device cuda \
+        --dense-epochs 2 --epochs 2 --lr 5e-5 --max-length 64 --calib-samples 256 \
+        --dense-checkpoint /tmp/dense_sst2 --methods svd,fwsvd,whiten \
+        --out benchmarks/results/sst2_finetune_h100.csv
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 COLUMNS = ["model", "method", "keep_ratio", "kept_fraction", "params", "acc_before_ft", "acc_after_ft",
            "dense_acc", "delta_vs_dense", "train_samples", "dev_samples", "epochs", "steps", "learning_rate",
-           "batch_size", "max_length", "seconds", "device", "torch", "transformers", "date"]  # fmt: skip
+           "batch_size", "max_length", "calibration", "seconds", "device", "torch", "transformers", "date"]  # fmt: skip
 
 
 def main() -> None:
@@ -43,7 +46,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument(
+        "--sequential",
+        default="svdllm",
+        help="comma-separated methods calibrated block by block on the compressed model's own "
+        "activations (SVD-LLM's protocol); the others calibrate all at once",
+    )
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--dense-checkpoint",
+        type=Path,
+        default=None,
+        help="fine-tuned dense classifier folder: reused when it exists (so several processes can "
+        "share one dense model), else trained and saved there",
+    )
     args = ap.parse_args()
 
     import torch
@@ -89,23 +105,31 @@ def main() -> None:
         print(kw, flush=True)
 
     t0 = time.perf_counter()
-    dense = modelio.load(source, head="classification", num_labels=2).to(device)
-    state = train(dense, tok, spec, train_data, dev, cfg(args.dense_epochs, args.dense_lr, True), work / "dense",
-                  device, console)  # fmt: skip
-    dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
-    dense.save_pretrained(work / "dense_final")
-    tok.save_pretrained(work / "dense_final")
-    row(model="dense", method="dense", keep_ratio=1.0, kept_fraction=1.0, params=modelio.count_parameters(dense),
-        acc_before_ft=None, acc_after_ft=dense_acc, dense_acc=dense_acc, delta_vs_dense=0.0, epochs=args.dense_epochs,
-        steps=state.step, learning_rate=args.dense_lr, seconds=time.perf_counter() - t0)  # fmt: skip
+    dense_dir = args.dense_checkpoint or work / "dense_final"
+    if (dense_dir / "config.json").is_file():
+        dense = modelio.load(modelio.resolve(str(dense_dir))).to(device)
+        dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
+        print(f"reusing the dense classifier in {dense_dir}: dev accuracy {dense_acc:.4f}", flush=True)
+    else:
+        dense = modelio.load(source, head="classification", num_labels=2).to(device)
+        state = train(dense, tok, spec, train_data, dev, cfg(args.dense_epochs, args.dense_lr, True),
+                      work / "dense", device, console)  # fmt: skip
+        dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
+        dense.save_pretrained(dense_dir)
+        tok.save_pretrained(dense_dir)
+        row(model="dense", method="dense", keep_ratio=1.0, kept_fraction=1.0,
+            params=modelio.count_parameters(dense), acc_before_ft=None, acc_after_ft=dense_acc, dense_acc=dense_acc,
+            delta_vs_dense=0.0, epochs=args.dense_epochs, steps=state.step, learning_rate=args.dense_lr,
+            seconds=time.perf_counter() - t0)  # fmt: skip
     del dense
-    dense_src = modelio.resolve(str(work / "dense_final"))
+    dense_src = modelio.resolve(str(dense_dir))
+    sequential = {m.strip() for m in args.sequential.split(",") if m.strip()}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         t0 = time.perf_counter()
         model = modelio.load(dense_src).to(device)
         model, report = compress_model(model, tok, method, RankChoice(keep_ratio=args.keep_ratio), console,
                                        task="sst2", data_dir=args.data_dir, calib_samples=len(calib),
-                                       calib_max_length=args.max_length)  # fmt: skip
+                                       calib_max_length=args.max_length, sequential=method in sequential)  # fmt: skip
         before = evaluate_dev(model, tok, spec, dev, cfg(1, 0, False), device)["accuracy"]
         state = train(model, tok, spec, train_data, dev, cfg(args.epochs, args.lr, False), work / method, device,
                       console)  # fmt: skip
@@ -113,6 +137,7 @@ def main() -> None:
         row(model=f"{method}@{args.keep_ratio:g}", method=method, keep_ratio=args.keep_ratio,
             kept_fraction=report.kept_fraction, params=report.params_after, acc_before_ft=before, acc_after_ft=after,
             dense_acc=dense_acc, delta_vs_dense=after - dense_acc, epochs=args.epochs, steps=state.step,
+            calibration="sequential" if method in sequential else "all-at-once",
             learning_rate=args.lr, seconds=time.perf_counter() - t0)  # fmt: skip
         del model
     fh.close()
