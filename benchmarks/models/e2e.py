@@ -46,14 +46,25 @@ def _mb(x):
     return None if x is None else round(x / 2**20, 2)
 
 
-def _variants(build, keep):
-    """Yield (name, model) for dense, torch-backend and flash-backend, one at a time (memory)."""
+def _variants(build, keep, ffn_split: bool = False):
+    """Yield (name, model) for dense, torch-backend and flash-backend, one at a time (memory).
+
+    ``ffn_split`` adds ``flash-attn``: the flash backend with its FFN blocks on the plain low-rank
+    matmul chain (the kernels' torch path), which separates the attention kernel's share from the FFN's.
+    """
     import flashsvd.models as fm
+    from flashsvd.models.runtime import FlashFFN
 
     yield "dense", build()
-    for backend in ("torch", "flash"):
+    for backend in ("torch", "flash", *(("flash-attn",) if ffn_split else ())):
         model = build()
-        model, _ = fm.compress(model, keep_ratio=keep, backend=backend)
+        model, _ = fm.compress(
+            model, keep_ratio=keep, backend="flash" if backend == "flash-attn" else backend
+        )
+        if backend == "flash-attn":
+            for block in model.modules():
+                if isinstance(block, FlashFFN):
+                    block.kernel_backend = "torch"
         yield backend, model
 
 
@@ -71,13 +82,15 @@ def bench_bert(rows, dev, args):
 
     for seq in args.bert_seqs:
         dense_ref = {}
-        for name, model in _variants(build, args.keep):
+        for name, model in _variants(build, args.keep, ffn_split=True):
             ids = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=dev)
             mask = torch.ones_like(ids)
 
             def call(model=model, ids=ids, mask=mask):
                 return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
+            with torch.no_grad():  # warm-up first: autotuning's benchmark buffers must not count as peak
+                call()
             out, mem = measure_memory(call, model)
             out_bytes = out.numel() * out.element_size()
             del out
