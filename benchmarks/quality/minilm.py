@@ -396,6 +396,19 @@ def run(
                     lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
                 )
             )
+        if want("fisher-alloc-ofisher-qkdense"):
+            # Q/K per head (d_head 32) save little below their break-even rank (29 of 32); keep them dense and
+            # spend the same keep_ratio budget on V/O/FFN.
+            qk = {t.name for t in targets if t.name.endswith((".q", ".k"))}
+            a_qk = allocate_by_curves(shapes, curves, keep, keep_dense=qk)
+            plans.append(
+                (
+                    "whiten",
+                    "fisher-alloc+out-fisher+qk-dense",
+                    a_qk,
+                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
+                )
+            )
         if want("whiten-ofisher"):
             plans.append(
                 (

@@ -117,6 +117,24 @@ def test_curves_allocation_respects_budget_and_prefers_sensitive():
     assert a.ranks["0.o"] is None  # the very sensitive layer stays dense
 
 
+def test_curves_allocation_keep_dense_spends_the_rest_of_the_budget():
+    curves = {s.name: torch.linspace(1, 0, s.max_rank + 1) ** 2 for s in SHAPES}
+    forced = {"0.up"}
+    a = allocate_by_curves(SHAPES, curves, 0.6, keep_dense=forced)
+    assert all(a.ranks[n] is None for n in forced)
+    assert all("on request" in a.reasons[n] for n in forced)
+    budget = math.floor(0.6 * a.dense_params)
+    assert a.kept_params <= budget  # the forced layers count against the one keep_ratio budget
+    assert budget - a.kept_params < max(s.params_per_rank for s in SHAPES)
+    free = allocate_by_curves(SHAPES, curves, 0.6)
+    assert free.ranks["0.up"] is not None  # left to the curves, the layer would have been factored
+    assert a.ranks["0.down"] < free.ranks["0.down"] and a.ranks["1.up"] < free.ranks["1.up"]
+    with pytest.raises(FlashSVDMethodError, match="not being allocated"):
+        allocate_by_curves(SHAPES, curves, 0.6, keep_dense={"9.nope"})
+    with pytest.raises(InvalidKeepRatioError, match="keep_dense alone"):
+        allocate_by_curves(SHAPES, curves, 0.05, keep_dense={s.name for s in SHAPES[3:]})
+
+
 def test_asvd_sensitivity_allocation():
     table = {s.name: [(r, 1.0 / r) for r in (1, 4, 8, 12) if s.saves(r)] for s in SHAPES}
     a = allocate_by_sensitivity(SHAPES, table, 0.4)

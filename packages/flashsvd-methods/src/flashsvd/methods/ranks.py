@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +285,7 @@ def allocate_by_curves(
     *,
     min_rank: int = 1,
     allow_dense: bool = True,
+    keep_dense: Collection[str] = (),
 ) -> RankAllocation:
     """Minimize ``Σ_l loss_l(r_l)`` under the keep_ratio budget.
 
@@ -294,11 +295,24 @@ def allocate_by_curves(
     ``curve[-1]`` — and bisects λ to the largest spend within budget; leftover budget then goes to the
     +1 rank steps with the largest loss decrease per parameter. Whitened tail energies, ASVD sensitivity
     tables and ARS mask scores all reduce to such curves.
+
+    ``keep_dense``: names of layers to leave dense whatever their curves say (their parameters still
+    count against the budget, so ``keep_ratio`` keeps its one meaning); the rest of the budget is spread
+    over the other layers.
     """
     keep = check_keep_ratio(keep_ratio)
     budget = math.floor(keep * sum(s.dense_params for s in shapes))
+    forced = sum(s.dense_params for s in shapes if s.name in keep_dense)
+    if keep < 1.0 and forced > budget:
+        raise InvalidKeepRatioError(
+            f"the layers in keep_dense alone hold {forced} parameters, more than keep_ratio={keep} allows "
+            f"({budget}); raise keep_ratio or keep fewer layers dense."
+        )
     if keep == 1.0:
         return _finish(shapes, {s.name: None for s in shapes}, {s.name: "keep_ratio=1" for s in shapes})
+    unknown = set(keep_dense) - {s.name for s in shapes}
+    if unknown:
+        raise FlashSVDMethodError(f"keep_dense names layers that are not being allocated: {sorted(unknown)}.")
     tabs = []
     for s in shapes:
         c = torch.as_tensor(curves[s.name], dtype=torch.float64).flatten()
@@ -306,7 +320,7 @@ def allocate_by_curves(
             raise FlashSVDMethodError(
                 f"curve of {s.name!r} has {c.numel()} entries, expected max_rank+1 = {s.max_rank + 1}."
             )
-        hi = min(s.max_rank, s.breakeven_rank - 1)
+        hi = min_rank - 1 if s.name in keep_dense else min(s.max_rank, s.breakeven_rank - 1)
         r = torch.arange(min_rank, hi + 1)
         tabs.append((s, r, c[min_rank : hi + 1], r.to(torch.float64) * s.params_per_rank, float(c[-1])))
 
@@ -324,7 +338,7 @@ def allocate_by_curves(
                 ranks[s.name], used = int(r[i]), used + int(cost[i])
         return ranks, used
 
-    scale = max(float(t[2].max() - t[4]) for t in tabs if t[2].numel()) or 1.0
+    scale = max((float(t[2].max() - t[4]) for t in tabs if t[2].numel()), default=0.0) or 1.0
     lo, hi = 0.0, scale  # lam=0 → everything as large as possible; lam large → minimal ranks
     ranks, used = choose(hi)
     while used > budget and hi < scale * 1e12:
@@ -353,7 +367,9 @@ def allocate_by_curves(
 
     _fill(shapes, best, budget, order=gain)
     reasons = {
-        s.name: "kept dense: its loss curve makes the dense layer worth its parameters under the budget"
+        s.name: "kept dense on request (keep_dense); its parameters count against the budget"
+        if s.name in keep_dense
+        else "kept dense: its loss curve makes the dense layer worth its parameters under the budget"
         for s in shapes
         if best[s.name] is None
     }
