@@ -396,19 +396,22 @@ def run(
                     lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
                 )
             )
-        if want("fisher-alloc-ofisher-qkdense"):
-            # Q/K per head (d_head 32) save little below their break-even rank (29 of 32); keep them dense and
-            # spend the same keep_ratio budget on V/O/FFN.
-            qk = {t.name for t in targets if t.name.endswith((".q", ".k"))}
-            a_qk = allocate_by_curves(shapes, curves, keep, keep_dense=qk)
-            plans.append(
-                (
-                    "whiten",
-                    "fisher-alloc+out-fisher+qk-dense",
-                    a_qk,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
+        # Q/K per head (d_head 32) save little below their break-even rank (29 of 32); keep them dense and
+        # spend the same keep_ratio budget on V/O/FFN.
+        qk = {t.name for t in targets if t.name.endswith((".q", ".k"))}
+        a_qk = allocate_by_curves(shapes, curves, keep, keep_dense=qk)
+        for center in (False, True):
+            if want("fisher-alloc-ofisher-qkdense" + ("-center" if center else "")):
+                plans.append(
+                    (
+                        "whiten",
+                        "fisher-alloc+out-fisher+qk-dense" + ("+center" if center else ""),
+                        a_qk,
+                        lambda a, c=center: apply_factorization(
+                            targets, a.ranks, "whiten", stats, output_fisher=True, center=c
+                        ),
+                    )
                 )
-            )
         if want("whiten-ofisher"):
             plans.append(
                 (
