@@ -277,6 +277,18 @@ def run(
 
         calibrate_blockwise(layers, inputs, run_block, groups, compress, mode="sequential", paired=True)
 
+    # Q/K per head (d_head 32) save little below their break-even rank (29 of 32): the "qk-dense" variants
+    # keep them dense and spend the same keep_ratio budget on V/O/FFN.
+    qk_names = {t.name for t in targets if t.name.endswith((".q", ".k"))}
+
+    def whiten_plan(variant, alloc, **opts):
+        return (
+            "whiten",
+            variant,
+            alloc,
+            lambda a: apply_factorization(targets, a.ranks, "whiten", stats, **opts),
+        )
+
     for keep in ratios:
         uni = uniform_keep_ratio(shapes, keep)
         a_f = allocate_by_curves(shapes, curves, keep)  # shared by every "fisher-alloc" variant
@@ -288,9 +300,7 @@ def run(
                 ("fwsvd", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "fwsvd", fisher))
             )
         if want("whiten"):
-            plans.append(
-                ("whiten", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "whiten", stats))
-            )
+            plans.append(whiten_plan("uniform", uni))
         if want("svdllm"):
             plans.append(
                 ("svdllm", "uniform+seq+update", uni, lambda a: sequential(a.ranks, "svdllm", update="v"))
@@ -308,14 +318,7 @@ def run(
         if "whiten" in sens:
             a_ws = allocate_by_sensitivity(shapes, sens["whiten"], keep)
             if want("whiten-sens"):
-                plans.append(
-                    (
-                        "whiten",
-                        "asvd-sensitivity",
-                        a_ws,
-                        lambda a: apply_factorization(targets, a.ranks, "whiten", stats),
-                    )
-                )
+                plans.append(whiten_plan("asvd-sensitivity", a_ws))
             if want("svdllm-sens"):
                 plans.append(
                     (
@@ -342,14 +345,7 @@ def run(
         if want("fisher-alloc") or want("fisher-alloc-seq"):
             save_json(out_dir / f"quality_minilm_fisher_ranks_{keep}.json", a_f.to_json())
             if want("fisher-alloc"):
-                plans.append(
-                    (
-                        "whiten",
-                        "fisher-alloc",
-                        a_f,
-                        lambda a: apply_factorization(targets, a.ranks, "whiten", stats),
-                    )
-                )
+                plans.append(whiten_plan("fisher-alloc", a_f))
             if want("fisher-alloc-seq"):
                 plans.append(
                     (
@@ -360,77 +356,35 @@ def run(
                     )
                 )
         if want("whiten-center"):
+            plans.append(whiten_plan("uniform+center", uni, center=True))
+        if want("fisher-alloc-center"):
+            plans.append(whiten_plan("fisher-alloc+center", a_f, center=True))
+        if want("fisher-alloc-seq-center"):
             plans.append(
                 (
-                    "whiten",
-                    "uniform+center",
-                    uni,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, center=True),
-                )
-            )
-        if want("fisher-alloc-center") or want("fisher-alloc-seq-center"):
-            if want("fisher-alloc-center"):
-                plans.append(
-                    (
-                        "whiten",
-                        "fisher-alloc+center",
-                        a_f,
-                        lambda a: apply_factorization(targets, a.ranks, "whiten", stats, center=True),
-                    )
-                )
-            if want("fisher-alloc-seq-center"):
-                plans.append(
-                    (
-                        "svdllm",
-                        "fisher-alloc+seq+update+center",
-                        a_f,
-                        lambda a: sequential(a.ranks, "svdllm", update="v", center=True),
-                    )
-                )
-        if want("fisher-alloc-ofisher"):
-            plans.append(
-                (
-                    "whiten",
-                    "fisher-alloc+out-fisher",
+                    "svdllm",
+                    "fisher-alloc+seq+update+center",
                     a_f,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
+                    lambda a: sequential(a.ranks, "svdllm", update="v", center=True),
                 )
             )
-        # Q/K per head (d_head 32) save little below their break-even rank (29 of 32); keep them dense and
-        # spend the same keep_ratio budget on V/O/FFN.
-        qk = {t.name for t in targets if t.name.endswith((".q", ".k"))}
-        a_qk = allocate_by_curves(shapes, curves, keep, keep_dense=qk)
-        for center in (False, True):
-            if want("fisher-alloc-ofisher-qkdense" + ("-center" if center else "")):
+        if want("fisher-alloc-ofisher"):
+            plans.append(whiten_plan("fisher-alloc+out-fisher", a_f, output_fisher=True))
+        if want("fisher-alloc-ofisher-qkdense") or want("fisher-alloc-ofisher-qkdense-center"):
+            a_qk = allocate_by_curves(shapes, curves, keep, keep_dense=qk_names)
+            if want("fisher-alloc-ofisher-qkdense"):
+                plans.append(whiten_plan("fisher-alloc+out-fisher+qk-dense", a_qk, output_fisher=True))
+            if want("fisher-alloc-ofisher-qkdense-center"):
                 plans.append(
-                    (
-                        "whiten",
-                        "fisher-alloc+out-fisher+qk-dense" + ("+center" if center else ""),
-                        a_qk,
-                        lambda a, c=center: apply_factorization(
-                            targets, a.ranks, "whiten", stats, output_fisher=True, center=c
-                        ),
+                    whiten_plan(
+                        "fisher-alloc+out-fisher+qk-dense+center", a_qk, output_fisher=True, center=True
                     )
                 )
         if want("whiten-ofisher"):
-            plans.append(
-                (
-                    "whiten",
-                    "uniform+out-fisher",
-                    uni,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats, output_fisher=True),
-                )
-            )
+            plans.append(whiten_plan("uniform+out-fisher", uni, output_fisher=True))
         if want("whiten-energy"):
             a_en = allocate_by_curves(shapes, spectrum_curves(spectra), keep)
-            plans.append(
-                (
-                    "whiten",
-                    "energy-alloc",
-                    a_en,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats),
-                )
-            )
+            plans.append(whiten_plan("energy-alloc", a_en))
         plans.sort(key=lambda p: PRIORITY.index(p[1]) if p[1] in PRIORITY else len(PRIORITY))
         for method, variant, alloc, apply in plans:
             t0 = time.time()

@@ -106,15 +106,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     dense_dir = args.dense_checkpoint or work / "dense_final"
-    if (dense_dir / "config.json").is_file():
+    reuse = (dense_dir / "config.json").is_file()
+    if reuse:
         dense = modelio.load(modelio.resolve(str(dense_dir))).to(device)
-        dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
-        print(f"reusing the dense classifier in {dense_dir}: dev accuracy {dense_acc:.4f}", flush=True)
     else:
         dense = modelio.load(source, head="classification", num_labels=2).to(device)
         state = train(dense, tok, spec, train_data, dev, cfg(args.dense_epochs, args.dense_lr, True),
                       work / "dense", device, console)  # fmt: skip
-        dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
+    dense_acc = evaluate_dev(dense, tok, spec, dev, cfg(1, 0, True), device)["accuracy"]
+    if reuse:
+        print(f"reusing the dense classifier in {dense_dir}: dev accuracy {dense_acc:.4f}", flush=True)
+    else:
         dense.save_pretrained(dense_dir)
         tok.save_pretrained(dense_dir)
         row(model="dense", method="dense", keep_ratio=1.0, kept_fraction=1.0,

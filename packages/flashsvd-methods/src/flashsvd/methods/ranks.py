@@ -301,18 +301,18 @@ def allocate_by_curves(
     over the other layers.
     """
     keep = check_keep_ratio(keep_ratio)
+    unknown = set(keep_dense) - {s.name for s in shapes}
+    if unknown:
+        raise FlashSVDMethodError(f"keep_dense names layers that are not being allocated: {sorted(unknown)}.")
     budget = math.floor(keep * sum(s.dense_params for s in shapes))
     forced = sum(s.dense_params for s in shapes if s.name in keep_dense)
-    if keep < 1.0 and forced > budget:
+    if forced > budget:  # never at keep_ratio=1, whose budget is every layer's parameters
         raise InvalidKeepRatioError(
             f"the layers in keep_dense alone hold {forced} parameters, more than keep_ratio={keep} allows "
             f"({budget}); raise keep_ratio or keep fewer layers dense."
         )
     if keep == 1.0:
         return _finish(shapes, {s.name: None for s in shapes}, {s.name: "keep_ratio=1" for s in shapes})
-    unknown = set(keep_dense) - {s.name for s in shapes}
-    if unknown:
-        raise FlashSVDMethodError(f"keep_dense names layers that are not being allocated: {sorted(unknown)}.")
     tabs = []
     for s in shapes:
         c = torch.as_tensor(curves[s.name], dtype=torch.float64).flatten()

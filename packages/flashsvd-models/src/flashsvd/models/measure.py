@@ -72,7 +72,11 @@ def _device_of(model: nn.Module | None, device) -> torch.device:
 def measure_memory(
     fn: Callable[[], Any], model: nn.Module | None = None, device=None
 ) -> tuple[Any, MemoryStats]:
-    """Run ``fn()`` once and return ``(its result, MemoryStats)``."""
+    """Run ``fn()`` once and return ``(its result, MemoryStats)``.
+
+    Call it after a warm-up (e.g. :func:`measure_latency`): a first call that compiles or autotunes
+    Triton kernels allocates autotuning's benchmark buffers, which would count as the forward's peak.
+    """
     dev = _device_of(model, device)
     persistent = persistent_bytes(model) if model is not None else 0
     if dev.type != "cuda":
