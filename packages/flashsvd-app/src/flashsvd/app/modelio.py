@@ -163,7 +163,7 @@ def load(
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
-        model = cls.from_pretrained(source.location, **kwargs)
+        model, info = cls.from_pretrained(source.location, output_loading_info=True, **kwargs)
     except OSError as err:
         raise AppError(
             f"cannot load model {source.location!r}: {str(err).splitlines()[0]}",
@@ -176,7 +176,25 @@ def load(
                 hint="the checkpoint's classifier has a different number of labels than the task.",
             ) from err
         raise
+    _refuse_missing_weights(model, info, source)
     return model
+
+
+def _refuse_missing_weights(model: Any, info: dict[str, Any], source: ModelSource) -> None:
+    """A dense model must not run with randomly initialised layers (a task head new to it is fine).
+
+    transformers only warns about missing tensors; a folder whose weights do not match its config (an
+    edited or half-copied checkpoint) would otherwise be scored as if it were the model.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_base = bool(prefix) and prefix in dict(model.named_children())
+    missing = [k for k in info.get("missing_keys") or () if not has_base or k.startswith(prefix + ".")]
+    if missing:
+        raise AppError(
+            f"{source.location}: the weights file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}",
+            hint="the folder is incomplete or its config.json does not belong to its weights; "
+            "for a flashsvd checkpoint, keep its quantization_config block.",
+        )
 
 
 def load_tokenizer(source: ModelSource, fallback: ModelSource | None = None) -> Any:

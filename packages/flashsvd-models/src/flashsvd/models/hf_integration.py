@@ -74,8 +74,13 @@ def _base_config(config_dict: dict[str, Any]):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     d = dict(config_dict)
-    block = d.get("quantization_config") or {}
-    base = block.get("base_model_type") if isinstance(block, dict) else None
+    block = d.get("quantization_config")
+    if not isinstance(block, dict) or block.get("quant_method") != "flashsvd":
+        raise ValueError(
+            "config.json says model_type 'flashsvd' but has no quantization_config with quant_method 'flashsvd': "
+            "the checkpoint was edited or is incomplete (its low-rank layers cannot be rebuilt)"
+        )
+    base = block.get("base_model_type")
     if not isinstance(base, str) or base not in CONFIG_MAPPING:
         raise ValueError(
             f"quantization_config.base_model_type is {base!r}: not an architecture this transformers knows"
