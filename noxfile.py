@@ -43,6 +43,7 @@ TEST_EXTRAS = {
         "gradio_client",
         "playwright>=1.40",
         "sentence-transformers>=5,<6.3",
+        "lm-eval>=0.4.9,<0.5",
     ],
 }
 #: the two ends of the transformers / triton range every pyproject.toml declares.  ``compat`` runs the
