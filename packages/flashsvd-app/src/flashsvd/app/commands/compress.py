@@ -127,6 +127,10 @@ def run(**kw) -> None:
     check_output_dir(out, kw["overwrite"])  # fail before the expensive part
     if kw["calib_text_column"] is not None and kw["calib_data"] is None:
         raise AppError("--calib-text-column names a column of --calib-data, which is not given")
+    if kw["calib_data"] is not None:  # a wrong column or a non-text file fails before the model loads
+        from flashsvd.app.tasks.data import calibration_texts
+
+        calibration_texts(kw["calib_data"], kw["calib_samples"], kw["calib_text_column"])
 
     head, num_labels = "auto", None
     if (
