@@ -260,3 +260,15 @@ def test_eval_says_on_screen_when_it_scores_the_train_split(cli, whiten_ckpt, da
     assert "the train split is scored" in res.stderr
     r = json.loads(res.stdout)
     assert r["split"] == "train" and "train split" in r["note"]
+
+
+def test_eval_output_replaces_only_a_flashsvd_result(cli, whiten_ckpt, data_dir, tmp_path, monkeypatch):
+    from flashsvd.app import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("refuse before evaluating"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    _clean(cli("eval", "-c", whiten_ckpt, "--task", "stsb", "--output", notes), 2, "not a flashsvd result")
+    assert notes.read_text() == "mine"
+    _clean(cli("eval", "-c", whiten_ckpt, "--task", "stsb", "--output", tmp_path), 2, "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

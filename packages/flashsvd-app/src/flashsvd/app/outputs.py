@@ -138,6 +138,26 @@ def check_output_dir(target: Path, overwrite: bool = False, flag: str = "--outpu
     check_writable(target, flag)
 
 
+def check_result_file(path: Path, flag: str = "--output") -> None:
+    """A result file may replace only an earlier flashsvd result (JSON with our provenance block)."""
+    path = Path(path)
+    if path.is_dir():
+        raise AppError(
+            f"{flag} {path} is a folder", hint="name a file for the output, e.g. results/run.json."
+        )
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if not (isinstance(data, dict) and "versions" in data and "timestamp" in data):
+            raise AppError(
+                f"{flag} {path} exists and is not a flashsvd result; refusing to replace it",
+                hint=f"choose another {flag}, or move that file away yourself.",
+            )
+    check_writable(path, flag)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back while a rename pair runs, so an interrupt never leaves neither in place."""

@@ -84,6 +84,10 @@ def run(**kw) -> None:
         raise AppError(f"unknown backend {kw['backend']!r}", hint="use flash or torch.")
     if kw["checkpoint"] is not None and not Path(kw["checkpoint"]).exists():
         raise AppError(f"checkpoint {kw['checkpoint']} does not exist")
+    if kw["output"] is not None:  # checked before the work, not after it
+        from flashsvd.app.outputs import check_result_file
+
+        check_result_file(Path(kw["output"]))
     source = modelio.resolve(str(kw["checkpoint"]) if kw["checkpoint"] is not None else kw["model"])
     spec = get_task(kw["task"])
     device = resolve_device(kw["device"])
