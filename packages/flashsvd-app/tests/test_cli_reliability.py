@@ -272,3 +272,9 @@ def test_eval_output_replaces_only_a_flashsvd_result(cli, whiten_ckpt, data_dir,
     assert notes.read_text() == "mine"
     _clean(cli("eval", "-c", whiten_ckpt, "--task", "stsb", "--output", tmp_path), 2, "is a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_bench_output_dir_is_checked_before_measuring(cli, tiny_bert, tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = cli("bench", "--model", tiny_bert, "--output-dir", tmp_path / "file" / "bench")
+    _clean(res, 2, "cannot write", "is a file")
