@@ -52,7 +52,8 @@ def pid_alive(pid: int) -> bool:
 
 def is_leftover(path: Path) -> bool:
     """Whether ``path`` is a temporary (partial or replaced) entry of some flashsvd write."""
-    return _LEFTOVER.match(Path(path).name) is not None or ".partial-" in Path(path).name
+    name = Path(path).name
+    return _LEFTOVER.match(name) is not None or (name.startswith(".") and ".partial-" in name)
 
 
 def clean_stale_partials(folder: Path) -> list[Path]:
