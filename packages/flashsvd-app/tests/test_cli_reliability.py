@@ -278,3 +278,10 @@ def test_bench_output_dir_is_checked_before_measuring(cli, tiny_bert, tmp_path):
     (tmp_path / "file").write_text("x")
     res = cli("bench", "--model", tiny_bert, "--output-dir", tmp_path / "file" / "bench")
     _clean(res, 2, "cannot write", "is a file")
+
+
+def test_an_unnamed_decoding_error_still_reads_as_advice():
+    from flashsvd.app.errors import describe
+
+    message, code = describe(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+    assert code == 2 and message.startswith("a file is not UTF-8 text") and "--debug" in message

@@ -97,3 +97,12 @@ def test_ui_command_turns_analytics_off_before_gradio(cli, monkeypatch):
     )
     assert cli("ui").exit_code == 0
     assert seen["env"] == "False" and seen["host"] == "127.0.0.1" and seen["share"] is False
+
+
+def test_compare_skips_result_files_that_are_not_ours(tmp_path):
+    ws = workspace(tmp_path)
+    ws.results.mkdir()
+    (ws.results / "latin1.json").write_bytes(b'{"task": "caf\xe9"}')
+    (ws.results / "list.json").write_text("[1, 2]")
+    (ws.results / "ok.json").write_text('{"task": "stsb"}')
+    assert [r["task"] for r in ws.load_results()] == ["stsb"]

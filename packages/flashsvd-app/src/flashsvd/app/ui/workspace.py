@@ -104,8 +104,10 @@ class Workspace:
         rows = []
         for path in self.results_files():
             try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # damaged or not UTF-8: not a result of ours
+                continue
+            if not isinstance(data, dict):
                 continue
             data["_file"] = str(path)
             rows.append(data)
