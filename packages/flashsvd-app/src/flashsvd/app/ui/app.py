@@ -53,9 +53,12 @@ def launch(root: str | Path = ".", data_dir: str | Path | None = None, host: str
     print(f"FlashSVD UI running on {demo.local_url}", flush=True)
     if demo.share_url:
         print(f"public link (anyone with it can use this UI): {demo.share_url}", flush=True)
-    else:
+    elif host in ("127.0.0.1", "localhost", "::1"):
         print("this machine only; `flashsvd ui --share` makes a public link, `--host 0.0.0.0` opens it "
               "to the network", flush=True)  # fmt: skip
+    else:
+        print(f"listening on {host}: reachable from the network; `flashsvd ui --share` makes a public link",
+              flush=True)  # fmt: skip
     if block:
         demo.block_thread()
     return demo
