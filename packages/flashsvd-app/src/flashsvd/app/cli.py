@@ -60,6 +60,21 @@ for _name, _mod, _func in (
     app.command(_name, help=_mod.HELP)(_func)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m flashsvd.app`` and ``python -m flashsvd.app.cli``).
+
+    SIGTERM (the UI's Cancel, ``kill``) is handled like Ctrl-C, so a stopped command removes its
+    temporary output instead of leaving a hidden partial folder behind.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    app(prog_name="flashsvd")
+
+
+if __name__ == "__main__":
+    main()

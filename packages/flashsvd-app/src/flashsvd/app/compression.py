@@ -15,10 +15,11 @@ from typing import Any
 from flashsvd.app.console import Console
 from flashsvd.app.errors import AppError
 from flashsvd.app.modelio import ModelSource
-from flashsvd.app.tasks.data import DEFAULT_DATA_DIR, Columns, calibration_texts, load_examples
+from flashsvd.app.outputs import REPORT_FILE
+from flashsvd.app.tasks.data import DEFAULT_DATA_DIR, Columns, calibration_texts, load_examples, read_text
 from flashsvd.app.tasks.registry import get_task
 
-REPORT_FILE = "flashsvd_report.json"
+__all__ = ["REPORT_FILE", "RankChoice", "calibration_text", "compress_model", "save_checkpoint"]
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RankChoice:
             return {"rank": self.rank}
         if self.ranks_json is not None:
             try:
-                ranks = json.loads(Path(self.ranks_json).read_text())
+                ranks = json.loads(read_text(Path(self.ranks_json), "--ranks-json"))
             except json.JSONDecodeError as err:
                 raise AppError(f"--ranks-json {self.ranks_json} is not valid JSON ({err.msg})") from err
             ranks = ranks.get("ranks", ranks) if isinstance(ranks, dict) else ranks
@@ -86,11 +87,17 @@ def default_output(model_name: str, method: str, ranks: RankChoice) -> Path:
     return Path("compressed_models") / f"{safe}_{method}_{ranks.tag()}"
 
 
-def calibration_text(task: str | None, calib_data: Path | None, n: int, data_dir: Path | None, seed: int = 0):
+def calibration_text(task: str | None, calib_data: Path | None, n: int, data_dir: Path | None, seed: int = 0,
+                     text_column: str | None = None):  # fmt: skip
     """``(texts, pairs or None, labels or None, source)`` for calibration."""
     if calib_data is not None:
-        texts = calibration_texts(calib_data, n)
-        return texts, None, None, str(calib_data)
+        texts, columns = calibration_texts(calib_data, n, text_column)
+        return (
+            texts,
+            None,
+            None,
+            f"{calib_data} (column {', '.join(columns)})" if columns else str(calib_data),
+        )
     spec = None
     if task is not None:
         spec = get_task(task)
@@ -152,6 +159,7 @@ def compress_model(
     *,
     task: str | None = None,
     calib_data: Path | None = None,
+    calib_text_column: str | None = None,
     calib_samples: int = 128,
     calib_batch_size: int = 16,
     calib_max_length: int = 128,
@@ -176,7 +184,9 @@ def compress_model(
         if texts is not None:
             pairs, labels, source = None, None, "the caller"
         else:
-            texts, pairs, labels, source = calibration_text(task, calib_data, calib_samples, data_dir, seed)
+            texts, pairs, labels, source = calibration_text(
+                task, calib_data, calib_samples, data_dir, seed, calib_text_column
+            )
         loss = None
         if "fisher_in" in spec.requires:
             loss = "lm" if _is_causal(model) else "labels"

@@ -47,6 +47,14 @@ def compress(
         Path | None,
         typer.Option("--calib-data", help="Calibration text: .txt (a line each), .jsonl, .tsv, .csv."),
     ] = None,
+    calib_text_column: Annotated[
+        str | None,
+        typer.Option(
+            "--calib-text-column",
+            help="Column of --calib-data (.tsv/.csv/.jsonl) holding the text: a header name or 0-based index "
+            "(default: the sentence/text/question columns named in the header).",
+        ),
+    ] = None,
     calib_samples: Annotated[
         int, typer.Option("--calib-samples", min=1, help="Calibration texts to use.")
     ] = 128,
@@ -91,7 +99,7 @@ def run(**kw) -> None:
     )
     from flashsvd.app.console import Console, silence_libraries
     from flashsvd.app.errors import AppError
-    from flashsvd.app.outputs import atomic_dir
+    from flashsvd.app.outputs import atomic_dir, check_output_dir
     from flashsvd.app.runtime import provenance, resolve_device, resolve_dtype
     from flashsvd.app.tasks.registry import get_task
 
@@ -116,9 +124,13 @@ def run(**kw) -> None:
     device = resolve_device(kw["device"])
     dtype = resolve_dtype(kw["dtype"], device)
     out = Path(kw["output"]) if kw["output"] else default_output(source.name, method, ranks)
-    # fail before the expensive part
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not kw["overwrite"]:
-        raise AppError(f"output {out} already exists", hint="pass --overwrite or choose another --output.")
+    check_output_dir(out, kw["overwrite"])  # fail before the expensive part
+    if kw["calib_text_column"] is not None and kw["calib_data"] is None:
+        raise AppError("--calib-text-column names a column of --calib-data, which is not given")
+    if kw["calib_data"] is not None:  # a wrong column or a non-text file fails before the model loads
+        from flashsvd.app.tasks.data import calibration_texts
+
+        calibration_texts(kw["calib_data"], kw["calib_samples"], kw["calib_text_column"])
 
     head, num_labels = "auto", None
     if (
@@ -134,6 +146,7 @@ def run(**kw) -> None:
     tok = modelio.load_tokenizer(source)
     m, report = compress_model(
         m, tok, method, ranks, console, task=kw["task"], calib_data=kw["calib_data"],
+        calib_text_column=kw["calib_text_column"],
         calib_samples=kw["calib_samples"], calib_batch_size=kw["calib_batch_size"],
         calib_max_length=kw["calib_max_length"], data_dir=kw["data_dir"], sequential=kw["sequential"],
         seed=kw["seed"],

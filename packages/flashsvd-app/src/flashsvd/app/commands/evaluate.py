@@ -82,7 +82,7 @@ def run(**kw) -> None:
     from flashsvd.app import modelio
     from flashsvd.app.console import Console, mib, silence_libraries
     from flashsvd.app.errors import AppError
-    from flashsvd.app.evaluation import evaluate, load_data, mode_for
+    from flashsvd.app.evaluation import evaluate, fallback_note, load_data, mode_for
     from flashsvd.app.outputs import write_json_atomic
     from flashsvd.app.runtime import provenance, resolve_device, resolve_dtype
     from flashsvd.app.tasks.data import Columns
@@ -96,6 +96,10 @@ def run(**kw) -> None:
         raise AppError(f"unknown backend {kw['backend']!r}", hint="use flash or torch.")
     if kw["checkpoint"] is not None and not Path(kw["checkpoint"]).exists():
         raise AppError(f"checkpoint {kw['checkpoint']} does not exist")
+    if kw["output"] is not None:  # checked before the work, not after it
+        from flashsvd.app.outputs import check_result_file
+
+        check_result_file(Path(kw["output"]))
     source = modelio.resolve(str(kw["checkpoint"]) if kw["checkpoint"] is not None else kw["model"])
     device = resolve_device(kw["device"])
     dtype = resolve_dtype(kw["dtype"], device)
@@ -106,6 +110,9 @@ def run(**kw) -> None:
     columns = Columns(kw["text_column"], kw["text_pair_column"], kw["label_column"])
     data = load_data(spec, mode, kw["split"], kw["data_file"], kw["data_dir"], columns, kw["max_eval_samples"],
                      kw["seed"])  # fmt: skip
+    note = fallback_note(data, kw["split"])
+    if note:
+        console.warn(note)
     console.info(f"loading {source.name} ({source.location})")
     model = modelio.load(source, dtype=dtype, backend=kw["backend"]).to(device)
     tokenizer = modelio.load_tokenizer(source)
@@ -113,6 +120,9 @@ def run(**kw) -> None:
         model, tokenizer, source, spec, mode, data, batch_size=kw["batch_size"], max_length=kw["max_length"],
         device=device, console=console, seq_len=kw["seq_len"], max_tokens=kw["max_tokens"], repeats=kw["repeats"],
     )  # fmt: skip
+    result["split"] = getattr(data, "fallback_split", None) or kw["split"]
+    if note:
+        result["note"] = note
     result["backend"] = kw["backend"] if source.kind == "flashsvd" else "dense"
     result["dtype"] = str(dtype).removeprefix("torch.")
     result.update(provenance(device))
