@@ -464,8 +464,16 @@ def round_ranks(
     used = sum(by_name[n].params(r) for n, r in ranks.items())
     while used > budget:
         down = [n for n in movable if ranks[n] > multiple]
-        if not down:
-            raise _too_small(keep, shapes, multiple)
+        if not down:  # small budgets: round down instead; ranks already below one step stay as they are
+            small = [n for n in movable if allocation.ranks[n] < multiple]
+            unrounded += tuple(small)
+            movable = [n for n in movable if n not in small]
+            for n in small:
+                ranks[n] = allocation.ranks[n]
+            for n in movable:
+                ranks[n] = (allocation.ranks[n] // multiple) * multiple
+            used = sum(by_name[n].params(r) for n, r in ranks.items())
+            break
         n = min(down, key=lambda n: delta(n, -multiple))
         ranks[n] -= multiple
         used -= multiple * by_name[n].params_per_rank

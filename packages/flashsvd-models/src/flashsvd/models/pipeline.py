@@ -464,7 +464,8 @@ def run_block(block: nn.Module, inp):
 
 
 def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=None, *, device=None,
-               state_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+               state_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+               keep_ratio: float | None = None) -> dict:  # fmt: skip
     """Factorize block by block on cached block inputs (see :func:`flashsvd.methods.calibrate_blockwise`)."""
     paths = block_paths(targets)
     layers = sorted(paths)
@@ -474,7 +475,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
         by_layer[t.layer].append(t)
     spec = get_method(recipe.method)
     options = recipe.method_options()
-    state = _State(state_dir, ranks, recipe) if state_dir is not None else None
+    state = _State(state_dir, ranks, recipe, keep_ratio) if state_dir is not None else None
     start = 0
     inputs = capture_inputs(model, blocks[0], batches, device)
     reference = None
@@ -523,8 +524,9 @@ class _State:
     finished block's state intact.
     """
 
-    def __init__(self, folder, ranks, recipe: Recipe) -> None:
+    def __init__(self, folder, ranks, recipe: Recipe, keep_ratio: float | None) -> None:
         self.folder = Path(folder)
+        self.keep_ratio = keep_ratio
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ranks, self.recipe = dict(ranks), recipe
         self.done = -1
@@ -547,7 +549,12 @@ class _State:
         _atomic(self.folder / "inputs.safetensors", lambda p: save_file(tensors, str(p)))
         sd = {n: v.detach().contiguous().cpu() for n, v in block.state_dict().items()}
         _atomic(self.folder / f"block_{k}.safetensors", lambda p: save_file(sd, str(p)))
-        meta = {"done": k, "ranks": self.ranks, "recipe": self.recipe.to_json()}
+        meta = {
+            "done": k,
+            "ranks": self.ranks,
+            "recipe": self.recipe.to_json(),
+            "keep_ratio": self.keep_ratio,
+        }
         _atomic(self.folder / "progress.json", lambda p: p.write_text(json.dumps(meta)))
         self.done = k
 
@@ -618,6 +625,11 @@ def run_pipeline(
             alloc, how = explicit, {"allocation": "explicit"}
         elif state_has_ranks:
             d = json.loads((Path(state_dir) / "progress.json").read_text())
+            if d.get("keep_ratio") != keep_ratio or d.get("recipe") != recipe.to_json():
+                raise ValueError(
+                    f"{state_dir} holds the state of a different run (keep_ratio or recipe differ): "
+                    "remove it or choose another state folder"
+                )
             alloc = allocate_ranks([shape_of(t, model) for t in targets], RankPolicy(ranks=d["ranks"]))
             how = {"allocation": recipe.allocation, "from_state": str(state_dir)}
         else:
@@ -626,7 +638,7 @@ def run_pipeline(
         if recipe.sequential and spec.data_aware:
             stats = None  # the sequential pass collects its own, one block at a time
             info.update(sequential(model, targets, ranks, recipe, plain, errors, progress, device=device,
-                                   state_dir=state_dir, log=log))  # fmt: skip
+                                   state_dir=state_dir, log=log, keep_ratio=keep_ratio))  # fmt: skip
         else:
             info["sequential"] = False
             factor_targets(model, targets, ranks, spec.name, stats if spec.data_aware else None,
