@@ -81,6 +81,8 @@ def describe(folder: Path) -> dict:
             format_version=block.get("format_version"),
             versions=block.get("versions"),
             calibration=block.get("calibration"),
+            recipe=block.get("recipe"),
+            allocation=block.get("allocation"),
             ranks=ranks,
             ranks_summary={
                 "factorized": len(values),
@@ -101,12 +103,26 @@ def describe(folder: Path) -> dict:
         try:
             rep = json.loads(report.read_text())
             out["made"] = {k: rep.get(k) for k in ("timestamp", "git_commit", "task", "calib_data", "source")}
+            if block is not None and not out.get("recipe"):
+                out["recipe"] = (rep.get("report") or {}).get("recipe")
         except json.JSONDecodeError:
             out["made"] = {"problem": f"{REPORT_FILE} is not valid JSON"}
     state = folder / "trainer_state.json"
     if state.is_file():
         out["training"] = json.loads(state.read_text())
     return out
+
+
+def recipe_line(recipe: dict | None) -> str:
+    """One line describing a stored recipe (or why there is none)."""
+    if not recipe:
+        return "not recorded (made before recipes)"
+    from flashsvd.models.recipe import Recipe, RecipeError
+
+    try:
+        return Recipe.from_json(recipe).describe()
+    except RecipeError:
+        return str(recipe)
 
 
 @guarded
@@ -125,6 +141,7 @@ def run(**kw) -> None:
             ("targeted kept fraction", d["kept_fraction"]),
             ("params before → after", f"{d['params_before']:,} → {d['params_after']:,}"),
             ("matrices factorized / dense", f"{rs['factorized']} / {rs['dense']}"),
+            ("recipe", recipe_line(d.get("recipe"))),
             ("ranks", ", ".join(map(str, rs["distinct"]))),
             ("format version", d["format_version"]),
             ("made with", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),
