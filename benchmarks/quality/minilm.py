@@ -158,7 +158,7 @@ def run(
     writer,
     ratios=(0.9, 0.75, 0.5),
     n_calib: int = 2048,
-    only: set | None = None,
+    only: list[str] | None = None,
     smoke: bool = False,
 ) -> None:
     """One row per (variant, keep_ratio): ``flashsvd.models.compress`` on a copy of the dense model."""
@@ -173,9 +173,10 @@ def run(
                kept_fraction=1.0, n_dense_layers=0, value=f"{value:.5f}", seconds=f"{time.time() - t0:.1f}")  # fmt: skip
     log(f"minilm dense -> {value:.4f}")
     for keep in ratios:
-        for key, (variant, recipe) in VARIANTS.items():
-            if only is not None and key not in only:
-                continue
+        for key in only or VARIANTS:
+            if key not in VARIANTS:
+                raise SystemExit(f"unknown variant {key!r}; known: {', '.join(VARIANTS)}")
+            variant, recipe = VARIANTS[key]
             t0 = time.time()
             model = copy.deepcopy(dense)
             try:

@@ -77,7 +77,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     csv_path = a.out / f"quality_{a.model}{a.tag}.csv"
     writer = ResultWriter(csv_path)
-    only = set(a.only) if a.only else None
+    only = list(a.only) if a.only else None  # run in the order given
     if a.model == "minilm":
         import minilm
 

@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[str, Recipe]] = {
         _r("alloc-of", allocation="loss_curve", output_fisher=True),
     ),
     "fisher-alloc-center": ("fisher-alloc+center", _r("alloc-c", allocation="loss_curve", center=True)),
+    "fisher-alloc-ofisher-center": (
+        "fisher-alloc+out-fisher+center",
+        _r("alloc-of-c", allocation="loss_curve", output_fisher=True, center=True),
+    ),
     "fwsvd": ("uniform", _r("fwsvd", method="fwsvd")),
     "asvd": ("fisher-alloc", _r("asvd", method="asvd", allocation="loss_curve")),
     "ars": ("ranks->whiten", _r("ars", allocation="ars")),
@@ -89,7 +93,7 @@ def run(
     out_dir: Path,
     writer,
     ratios=(0.9, 0.8, 0.5),
-    only: set | None = None,
+    only: list[str] | None = None,
     smoke: bool = False,
     n_calib: int = 128,
 ) -> None:
@@ -109,9 +113,10 @@ def run(
                kept_fraction=1.0, n_dense_layers=0, value=f"{value:.4f}", seconds=f"{time.time() - t0:.1f}")  # fmt: skip
     log(f"smollm dense -> {value:.4g}")
     for keep in ratios:
-        for key, (variant, recipe) in VARIANTS.items():
-            if only is not None and key not in only:
-                continue
+        for key in only or VARIANTS:
+            if key not in VARIANTS:
+                raise SystemExit(f"unknown variant {key!r}; known: {', '.join(VARIANTS)}")
+            variant, recipe = VARIANTS[key]
             t0 = time.time()
             model = copy.deepcopy(dense)
             try:
