@@ -147,3 +147,20 @@ def test_state_of_another_run_is_refused(tiny, tmp_path):
         fm.compress(
             tiny("llama"), keep_ratio=0.5, calibration=batches, recipe=_seq_recipe(), state_dir=tmp_path
         )
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cached_block_inputs_replay_identically(tiny, kind):
+    """No KV cache travels with the cached inputs: replaying a block gives the same output every time."""
+    from flashsvd.models.adapters import get_adapter
+    from flashsvd.models.pipeline import block_paths, capture_inputs, run_block
+    from flashsvd.models.runtime import get_module
+
+    model = tiny(kind)
+    targets = get_adapter(model).targets(model)
+    block = get_module(model, block_paths(targets)[0])
+    (inp,) = capture_inputs(model, block, [torch.randint(1, 100, (2, 9))])
+    with torch.no_grad():
+        a, b = run_block(block, inp)[0][0], run_block(block, inp)[0][0]
+    torch.testing.assert_close(a, b)
+    assert a.shape[:2] == (2, 9)

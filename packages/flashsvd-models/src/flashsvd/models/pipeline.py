@@ -431,6 +431,9 @@ class _Stop(Exception):
     pass
 
 
+_CACHE_KWARGS = {"past_key_values", "past_key_value", "cache", "layer_past", "use_cache"}
+
+
 def capture_inputs(model, first_block: nn.Module, batches, device=None) -> list:
     """The ``(args, kwargs)`` reaching ``first_block`` for each batch (the forward stops there)."""
     cached = []
@@ -440,6 +443,8 @@ def capture_inputs(model, first_block: nn.Module, batches, device=None) -> list:
 
     def hook(module, args, kwargs):
         kw = {k: (tuple(move(y) for y in v) if isinstance(v, tuple) else move(v)) for k, v in kwargs.items()}
+        for k in _CACHE_KWARGS & set(kw):  # a KV cache would grow with every replay of the cached input
+            kw[k] = False if k == "use_cache" else None
         cached.append((tuple(move(a.detach()) if isinstance(a, torch.Tensor) else a for a in args), kw))
         raise _Stop
 
