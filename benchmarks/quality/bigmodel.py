@@ -92,8 +92,32 @@ def main() -> None:
     cuda = a.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rows: list[dict] = []
+    common = dict(
+        model="llama-7b-shaped" if not a.tiny else "llama-tiny", layers=cfg["num_hidden_layers"], dtype=a.dtype,
+        calib=f"{a.n_calib}x{a.seq}", keep_ratio=a.keep, rank_multiple=a.multiple,
+        block_weights_gib=f"{block_bytes / 2**30:.3f}", calib_activations_gib=f"{act_bytes / 2**30:.3f}",
+        build_seconds=f"{t_build:.1f}",
+        device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+    )  # fmt: skip
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not a.out.exists()
+    fh = a.out.open("a", newline="")
+    writer = csv.DictWriter(
+        fh, fieldnames=[*common, "event", "seconds", "kept_fraction", "gpu_peak_gib", "host_peak_gib"]
+    )
+    if new:
+        writer.writeheader()
+
+    def row(**kw) -> None:
+        writer.writerow({**common, **kw})
+        fh.flush()
+
     clock = {"last": time.perf_counter(), "done": 0}
+    print(
+        f"built in {t_build:.1f}s; block {block_bytes / 2**30:.3f} GiB; activations {act_bytes / 2**30:.3f} GiB",
+        flush=True,
+    )
 
     class Interrupted(Exception):
         pass
@@ -102,9 +126,9 @@ def main() -> None:
         now = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
         if msg.startswith("block ") and msg.endswith(" done"):
-            rows.append(dict(event=msg, seconds=f"{now - clock['last']:.2f}",
-                             gpu_peak_gib=f"{torch.cuda.max_memory_allocated() / 2**30:.3f}" if cuda else "",
-                             host_peak_gib=f"{host_peak_gib():.2f}"))  # fmt: skip
+            row(event=msg, seconds=f"{now - clock['last']:.2f}",
+                gpu_peak_gib=f"{torch.cuda.max_memory_allocated() / 2**30:.3f}" if cuda else "",
+                host_peak_gib=f"{host_peak_gib():.2f}")  # fmt: skip
             clock["done"] += 1
             if a.stop_after is not None and clock["done"] >= a.stop_after:
                 raise Interrupted
@@ -120,27 +144,12 @@ def main() -> None:
         status, kept = f"interrupted after {clock['done']} blocks", ""
     wall = time.perf_counter() - t1
     summary = dict(
-        event=f"summary: {status}", seconds=f"{wall:.1f}",
+        event=f"summary: {status}", seconds=f"{wall:.1f}", kept_fraction=kept,
         gpu_peak_gib=f"{torch.cuda.max_memory_allocated() / 2**30:.3f}" if cuda else "",
         host_peak_gib=f"{host_peak_gib():.2f}",
     )  # fmt: skip
-    rows.append(summary)
-    common = dict(
-        model="llama-7b-shaped" if not a.tiny else "llama-tiny", layers=cfg["num_hidden_layers"], dtype=a.dtype,
-        calib=f"{a.n_calib}x{a.seq}", keep_ratio=a.keep, kept_fraction=kept, rank_multiple=a.multiple,
-        block_weights_gib=f"{block_bytes / 2**30:.3f}", calib_activations_gib=f"{act_bytes / 2**30:.3f}",
-        build_seconds=f"{t_build:.1f}",
-        device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-    )  # fmt: skip
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not a.out.exists()
-    with a.out.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*common, "event", "seconds", "gpu_peak_gib", "host_peak_gib"])
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**common, **r})
+    row(**summary)
+    fh.close()
     print(summary, common, flush=True)
 
 

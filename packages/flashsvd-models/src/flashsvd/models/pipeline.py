@@ -460,12 +460,28 @@ def capture_inputs(model, first_block: nn.Module, batches, device=None) -> list:
     return cached
 
 
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(_to(y, device) for y in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 def run_block(block: nn.Module, inp):
-    """One cached ``(args, kwargs)`` through ``block`` → the next block's ``(args, kwargs)``."""
+    """One cached ``(args, kwargs)`` through ``block`` → the next block's ``(args, kwargs)``.
+
+    The inputs stay where they are cached (the CPU for big models): each call moves one batch to the
+    block's device and its output back, so the accelerator holds one batch of activations at a time.
+    """
     args, kwargs = inp
-    out = block(*args, **kwargs)
+    home = args[0].device
+    dev = next(block.parameters()).device
+    out = block(*_to(args, dev), **_to(kwargs, dev))
     hidden = out[0] if isinstance(out, tuple) else out
-    return (hidden, *args[1:]), kwargs
+    return (hidden.to(home), *args[1:]), kwargs
 
 
 def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=None, *, device=None,
@@ -482,7 +498,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
     options = recipe.method_options()
     state = _State(state_dir, ranks, recipe, keep_ratio) if state_dir is not None else None
     start = 0
-    inputs = capture_inputs(model, blocks[0], batches, device)
+    inputs = capture_inputs(model, blocks[0], batches)
     reference = None
     if state is not None and state.done >= 0:
         start = state.restore(model, blocks, layers, by_layer, inputs)
