@@ -120,6 +120,8 @@ def describe(folder: Path) -> dict:
             format_version=block.get("format_version"),
             versions=block.get("versions"),
             calibration=block.get("calibration"),
+            recipe=block.get("recipe"),
+            allocation=block.get("allocation"),
             ranks=ranks,
             ranks_summary={
                 "factorized": len(values),
@@ -140,6 +142,8 @@ def describe(folder: Path) -> dict:
         try:
             rep = json.loads(report.read_text(encoding="utf-8"))
             out["made"] = {k: rep.get(k) for k in ("timestamp", "git_commit", "task", "calib_data", "source")}
+            if block is not None and not out.get("recipe"):
+                out["recipe"] = (rep.get("report") or {}).get("recipe")
         except (ValueError, AttributeError):
             out["made"] = {"problem": f"{REPORT_FILE} is not a valid JSON report"}
     state = folder / "trainer_state.json"
@@ -149,6 +153,18 @@ def describe(folder: Path) -> dict:
         except ValueError:
             out["training"] = {"problem": "trainer_state.json is not valid JSON"}
     return out
+
+
+def recipe_line(recipe: dict | None) -> str:
+    """One line describing a stored recipe (or why there is none)."""
+    if not recipe:
+        return "not recorded (made before recipes)"
+    from flashsvd.models.recipe import Recipe, RecipeError
+
+    try:
+        return Recipe.from_json(recipe).describe()
+    except RecipeError:
+        return str(recipe)
 
 
 @guarded
@@ -167,6 +183,7 @@ def run(**kw) -> None:
             ("targeted kept fraction", d["kept_fraction"]),
             ("params before → after", f"{d['params_before']:,} → {d['params_after']:,}"),
             ("matrices factorized / dense", f"{rs['factorized']} / {rs['dense']}"),
+            ("recipe", recipe_line(d.get("recipe"))),
             ("ranks", ", ".join(map(str, rs["distinct"]))),
             ("format version", d["format_version"]),
             ("made with", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),
