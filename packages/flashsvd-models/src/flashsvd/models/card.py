@@ -58,8 +58,9 @@ def model_card(
         f"| ranks | {_ranks_summary(block.get('ranks') or {})} (all in `config.json`) |",
     ]
     recipe = block.get("recipe")
-    if recipe:
-        lines.append(f"| recipe | `{recipe}` |")
+    if isinstance(recipe, Mapping) and recipe:
+        shown = ", ".join(f"{k}={v}" for k, v in recipe.items() if v not in (None, False, [], {}, ""))
+        lines.append(f"| recipe | {shown} (all of it in `config.json`) |")
     calib = block.get("calibration") or {}
     if calib:
         lines.append("| calibration | " + ", ".join(f"{k}={v}" for k, v in sorted(calib.items())) + " |")

@@ -95,6 +95,11 @@ def attach_config(model: nn.Module, report) -> None:
         "calibration": dict(report.calibration),
         "versions": _versions(),
     }
+    recipe = getattr(report, "recipe", None)
+    if (
+        recipe
+    ):  # the typed Recipe (flashsvd.models.recipe) that made it: `flashsvd compress --recipe` reads it back
+        block["recipe"] = dict(recipe)
     model.config.quantization_config = block
 
 
