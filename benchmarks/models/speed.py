@@ -28,6 +28,7 @@ import datetime
 import gc
 import importlib.util
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -154,7 +155,7 @@ def bench_bert(rows, args):
     torch.manual_seed(0)
     dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
     for seq in args.bert_seqs:
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, seq), device="cuda")
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, seq)).cuda()
         mask = torch.ones_like(ids)
         for name, model, report in compressed_variants(dense, args.keep, args.multiple):
             base = {"bench": "bert-base", "variant": name, "batch": args.batch, "seq": seq, "new_tokens": 0,
@@ -277,21 +278,21 @@ def _static_decode(model, ids, new_tokens):
     return prefill, B * new_tokens / dt, cache
 
 
-def bench_llama(rows, args, bandwidth):
+def bench_llama(rows, args):
     import transformers as T
 
+    bandwidth = args.ceilings[1]
     cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                         num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        dense = T.LlamaForCausalLM(cfg).to(torch.float16).eval()
+    dense = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     for name, model, report in compressed_variants(dense, args.keep, args.multiple):
         from flashsvd.models.measure import persistent_bytes
 
         # Bytes one decode step must read: every weight but the input embedding table (one row each).
         weight_bytes = persistent_bytes(model) - model.get_input_embeddings().weight.nbytes
         for B in args.llama_batches:
-            ids = torch.randint(0, cfg.vocab_size, (B, args.prefill), device="cuda")
+            ids = torch.randint(0, cfg.vocab_size, (B, args.prefill)).cuda()
             base = {"bench": "llama7b-4layer", "variant": name, "batch": B, "seq": args.prefill,
                     "new_tokens": args.decode, "ranks": "" if report is None else _rank_summary(report),
                     "kept_fraction": 1.0 if report is None else round(report.kept_fraction, 4)}  # fmt: skip
@@ -434,6 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--ffn-rep", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--section", choices=["kernels", "bert", "llama"], help=argparse.SUPPRESS)
+    p.add_argument("--ceilings", type=float, nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -448,23 +451,40 @@ def main(argv=None) -> int:
     kffn = _load("bench_ffn", HERE.parent / "kernels" / "ffn.py")
     from triton.testing import do_bench
 
-    args.ceilings = kffn.measure_ceilings(torch, do_bench)
+    if not args.ceilings:
+        args.ceilings = kffn.measure_ceilings(torch, do_bench)
     print(
         f"ceilings: {args.ceilings[0]:.0f} TFLOP/s fp16 matmul, {args.ceilings[1]:.2f} TB/s copy", flush=True
     )
     rows: list[dict] = [{"bench": "ceilings", "variant": "device", "latency_ms": "",
                          "error": f"{args.ceilings[0]:.0f} TFLOP/s fp16, {args.ceilings[1]:.2f} TB/s copy"}]  # fmt: skip
-    only = set(args.only.split(","))
+    sections = {"kernels": bench_kernels, "bert": bench_bert, "llama": bench_llama}
+    if args.section:  # child process: one section, rows to its own CSV
+        try:
+            sections[args.section](rows, args)
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append({"bench": args.section, "error": _err(exc)})
+        write(rows[1:], out / f"speed_{args.section}.csv")
+        return 0
     try:
-        for name, fn, extra in (("kernels", bench_kernels, ()), ("bert", bench_bert, ()),
-                                ("llama", bench_llama, (args.ceilings[1],))):  # fmt: skip
-            if name in only:
-                try:
-                    fn(rows, args, *extra)
-                except Exception as exc:
-                    traceback.print_exc()
-                    rows.append({"bench": name, "error": _err(exc)})
-                write(rows, out / "speed.csv")
+        jobs = [(n, []) for n in args.only.split(",") if n != "bert"]
+        if "bert" in args.only.split(","):
+            jobs[1:1] = [("bert", ["--bert-seqs", str(seq)]) for seq in args.bert_seqs]
+        for name, extra in jobs:
+            # One process per section: a failed CUDA-graph capture leaves the CUDA RNG and allocator
+            # in a state that breaks later work in the same process.
+            child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), *extra,
+                     "--section", name, "--ceilings", *map(str, args.ceilings)]  # fmt: skip
+            proc = subprocess.run(child, check=False)
+            part = out / f"speed_{name}.csv"
+            if part.exists():
+                with part.open() as fh:
+                    rows += [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+                part.unlink()
+            if proc.returncode:
+                rows.append({"bench": name, "error": f"section exited with code {proc.returncode}"})
+            write(rows, out / "speed.csv")
     finally:
         write(rows, out / "speed.csv")
         summary(rows)
