@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 def test_whiten_checkpoint_is_complete(whiten_ckpt):
     names = {p.name for p in whiten_ckpt.iterdir()}
-    assert {"config.json", "model.safetensors", "flashsvd_report.json", "tokenizer.json"} <= names
+    assert {"config.json", "flashsvd.safetensors", "flashsvd_report.json", "tokenizer.json"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
     report = json.loads((whiten_ckpt / "flashsvd_report.json").read_text())
     assert report["report"]["method"] == "whiten"
@@ -21,7 +21,7 @@ def test_fwsvd_checkpoint_is_a_classifier(fwsvd_ckpt):
     config = json.loads((fwsvd_ckpt / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert config["quantization_config"]["method"] == "fwsvd"
-    with safe_open(str(fwsvd_ckpt / "model.safetensors"), "pt") as fh:
+    with safe_open(str(fwsvd_ckpt / "flashsvd.safetensors"), "pt") as fh:
         assert any(k.startswith("classifier.") for k in fh.keys())  # noqa: SIM118
 
 
@@ -54,7 +54,7 @@ def test_eval_json_mode_prints_only_json(cli, whiten_ckpt, data_dir):
 def test_info_table_and_json(cli, whiten_ckpt):
     res = cli("info", whiten_ckpt)
     assert res.exit_code == 0, res.output
-    assert "whiten" in res.stdout and "model.safetensors" in res.stdout
+    assert "whiten" in res.stdout and "flashsvd.safetensors" in res.stdout
     res = cli("info", whiten_ckpt, "--json")
     d = json.loads(res.stdout)
     assert d["compressed"] and d["method"] == "whiten" and d["loadable"]

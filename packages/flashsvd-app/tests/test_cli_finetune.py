@@ -12,7 +12,7 @@ def test_finetune_then_resume(cli, fwsvd_ckpt, data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((out / "training_state.json").read_text())["latest"] == "checkpoint-2"
     ckpt = out / "checkpoint-2"
-    assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json", "model.safetensors"} <= {
+    assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json", "flashsvd.safetensors"} <= {
         p.name for p in ckpt.iterdir()
     }
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))

@@ -57,7 +57,7 @@ def test_compressed_backends_agree_and_checkpoint_round_trips(tiny, make_inputs,
     torch.testing.assert_close(_valid(out_flash, mask), _valid(out_torch, mask), atol=1e-5, rtol=1e-4)
 
     folder = fm.save_compressed(model, tmp_path / "ck")
-    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "flashsvd.safetensors", "flashsvd_auto.py"} <= {p.name for p in folder.iterdir()}
     loaded = fm.load(folder)
     sd = loaded.state_dict()
     assert sd.keys() == sd_torch.keys()

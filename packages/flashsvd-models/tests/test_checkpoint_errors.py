@@ -19,15 +19,15 @@ def test_atomic_write_leaves_no_temporaries(saved):
 
 
 def test_missing_weights(saved):
-    (saved / "model.safetensors").unlink()
-    with pytest.raises(fm.CheckpointError, match=r"model\.safetensors is missing"):
+    (saved / "flashsvd.safetensors").unlink()
+    with pytest.raises(fm.CheckpointError, match=r"flashsvd\.safetensors is missing"):
         fm.load(saved)
 
 
 def test_truncated_weights(saved):
-    data = (saved / "model.safetensors").read_bytes()
-    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(fm.CheckpointError, match=r"model\.safetensors"):
+    data = (saved / "flashsvd.safetensors").read_bytes()
+    (saved / "flashsvd.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(fm.CheckpointError, match=r"flashsvd\.safetensors is corrupt or truncated"):
         fm.load(saved)
 
 

@@ -1,13 +1,21 @@
 """Compressed checkpoints: ``save_compressed``, ``load``, ``merge_to_dense`` and skeleton rebuilding.
 
-Format (a ``save_pretrained``-style folder, no pickle anywhere):
+Format (a ``save_pretrained``-style folder, no pickle anywhere; ``format_version`` 2):
 
-* ``config.json`` — the HF config plus a ``quantization_config`` block with ``quant_method:
-  "flashsvd"``: method, keep_ratio, ranks per module (``null`` = dense), exact parameter counts,
-  calibration summary, package versions, ``format_version``;
-* ``model.safetensors`` — the state dict (low-rank layers as ``<path>.u``, ``<path>.v``, ``<path>.bias``;
-  fused matrices as ``<path>.parts.<q|k|v|input|gate>.*``); tied tensors are stored once;
-* ``generation_config.json`` when the model has one.
+* ``config.json`` — the HF config with ``model_type: "flashsvd"``, an ``auto_map`` into the shim below,
+  and a ``quantization_config`` block: ``quant_method: "flashsvd"``, the source ``base_model_type``,
+  method, keep_ratio, ranks per module (``null`` = dense), exact parameter counts, calibration summary,
+  package versions, ``format_version``;
+* ``flashsvd.safetensors`` — the state dict (low-rank layers as ``<path>.u``, ``<path>.v``, ``<path>.bias``;
+  fused matrices as ``<path>.parts.<q|k|v|input|gate>.*``); tied tensors are stored once.  It is not called
+  ``model.safetensors`` on purpose: a plain ``from_pretrained`` that does not know flashsvd must fail
+  rather than load randomly initialised factors (:mod:`flashsvd.models.hf_integration`);
+* ``flashsvd_auto.py`` — the ``trust_remote_code`` shim (it only imports ``flashsvd.models``);
+* ``generation_config.json`` when the model has one, the tokenizer when one is given, and every file of
+  the source model folder that compression does not change (sentence-transformers' ``modules.json``,
+  ``1_Pooling/``, ``config_sentence_transformers.json``, tokenizer files, ...).
+
+Format 1 checkpoints (source ``model_type``, ``model.safetensors``) still load.
 
 Rebuilding needs only the ranks: the adapter recomputes every target's geometry from the fresh HF
 skeleton, so the same code serves :func:`load` and ``AutoModel*.from_pretrained`` (see
@@ -45,9 +53,14 @@ __all__ = [
     "save_compressed",
 ]
 
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 2
+WEIGHTS = "flashsvd.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # format 1
 CONFIG = "config.json"
+#: files and folders of a source model that a compressed checkpoint must not inherit: its dense weights
+#: (in any format), the files we write ourselves, and the dense model's card
+_NOT_INHERITED = {CONFIG, "generation_config.json", "README.md", "onnx", "openvino", ".git", ".cache"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".gguf", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -69,6 +82,7 @@ def attach_config(model: nn.Module, report) -> None:
     block = {
         "quant_method": "flashsvd",
         "format_version": FORMAT_VERSION,
+        "base_model_type": model.config.model_type,
         "method": report.method,
         "keep_ratio": report.keep_ratio,
         "kept_fraction": report.kept_fraction,
@@ -213,9 +227,64 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_compressed(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write ``model`` (compressed by :func:`flashsvd.models.compress`) to ``folder`` atomically."""
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    """``config.json`` contents: the model's config under ``model_type: "flashsvd"`` with the shim's ``auto_map``."""
+    from flashsvd.models.hf_integration import MODEL_TYPE, auto_map
+
+    model.config.architectures = [type(model).__name__]
+    d = model.config.to_dict()
+    block = dict(d["quantization_config"])
+    block.setdefault("base_model_type", d.get("model_type"))
+    block["format_version"] = FORMAT_VERSION
+    d["quantization_config"] = block
+    d["model_type"] = MODEL_TYPE
+    d["auto_map"] = auto_map()
+    return d
+
+
+def _source_folder(model: nn.Module, source) -> Path | None:
+    if source is not None:
+        return Path(source)
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def _copy_source_files(source: Path, dest: Path) -> list[str]:
+    """Copy what compression leaves unchanged (pooling, tokenizer, sentence-transformers files...)."""
+    copied = []
+    for item in sorted(source.iterdir()):
+        if item.name in _NOT_INHERITED or item.name.startswith(".") or item.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if item.name.endswith(".index.json") or (dest / item.name).exists():
+            continue
+        if item.is_dir():
+            shutil.copytree(
+                item, dest / item.name, ignore=shutil.ignore_patterns(*[f"*{x}" for x in _WEIGHT_SUFFIXES])
+            )
+        elif item.is_file():
+            shutil.copy2(item, dest / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def save_compressed(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    tokenizer=None,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``model`` (compressed by :func:`flashsvd.models.compress`) to ``folder`` atomically.
+
+    Args:
+        tokenizer: saved beside the model when given.
+        source: the source model folder whose unchanged files (sentence-transformers modules, pooling
+            config, tokenizer files) are kept; default: the folder the model was loaded from, if local.
+    """
     from safetensors.torch import save_file
+
+    from flashsvd.models.hf_integration import SHIM_FILE, shim_source
 
     block = flashsvd_block(model.config)
     if block is None:
@@ -234,11 +303,16 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, overwrite: b
             str(tmp / WEIGHTS),
             metadata={"format": "pt", "quant_method": "flashsvd"},
         )
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
+        (tmp / CONFIG).write_text(json.dumps(_config_dict(model), indent=2, sort_keys=True) + "\n")
+        (tmp / SHIM_FILE).write_text(shim_source())
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        src = _source_folder(model, source)
+        if src is not None and src.resolve() != folder.resolve():
+            _copy_source_files(src, tmp)
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)
@@ -253,9 +327,36 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, overwrite: b
 
 
 # ---- load -----------------------------------------------------------------------------------------
+def _check_block(block: Mapping[str, Any], path: Path) -> None:
+    """Refuse a compression block whose fields would build a wrong model (clear messages, no tracebacks)."""
+    version = block.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{path}: quantization_config.format_version must be an integer, got {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is newer than this flashsvd-models supports "
+            f"({FORMAT_VERSION}); upgrade flashsvd-models"
+        )
+    ranks = block.get("ranks")
+    if not isinstance(ranks, Mapping):
+        raise CheckpointError(f"{path}: quantization_config.ranks is missing or not a mapping")
+    for name, r in ranks.items():
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise CheckpointError(
+                f"{path}: quantization_config.ranks[{name!r}] is {r!r}; a rank must be a positive integer "
+                "(or null for a layer kept dense)"
+            )
+
+
 def read_config(folder: str | os.PathLike):
-    """The HF config of a checkpoint folder, with clear errors for a missing or corrupt ``config.json``."""
-    from transformers import AutoConfig
+    """The source architecture's HF config of a checkpoint folder (with its ``quantization_config``).
+
+    Every problem is a :class:`CheckpointError` that names the file: missing, not JSON, not a flashsvd
+    checkpoint (no block, or another quantization method), a field of the wrong type, a bad rank.
+    """
+    from flashsvd.models.hf_integration import MODEL_TYPE, _base_config
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -264,28 +365,48 @@ def read_config(folder: str | os.PathLike):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a saved model folder (or an interrupted save)")
     try:
-        json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    block = flashsvd_block(config)
-    if block is None:
-        raise CheckpointError(f"{path} has no quantization_config with quant_method 'flashsvd'")
-    if int(block.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt")
+    q = d.get("quantization_config")
+    if not isinstance(q, Mapping) or q.get("quant_method") != "flashsvd":
+        found = q.get("quant_method") if isinstance(q, Mapping) else None
         raise CheckpointError(
-            f"{path}: format_version {block.get('format_version')} is newer than this flashsvd-models "
-            f"supports ({FORMAT_VERSION}); upgrade flashsvd-models"
+            f"{path} has no quantization_config with quant_method 'flashsvd'"
+            + (f" (it is a {found!r} checkpoint)" if found else "")
+            + ": not a flashsvd checkpoint"
         )
-    if not isinstance(block.get("ranks"), Mapping):
-        raise CheckpointError(f"{path}: quantization_config.ranks is missing or not a mapping")
+    _check_block(q, path)
+    try:
+        if d.get("model_type") == MODEL_TYPE:
+            config = _base_config(d)
+        else:  # format 1: the source model_type
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except CheckpointError:
+        raise
+    except Exception as e:  # transformers' validation errors differ by version: report them all the same way
+        raise CheckpointError(f"{path}: invalid config ({type(e).__name__}: {e})") from e
     return config
+
+
+def weights_path(folder: str | os.PathLike) -> Path:
+    """The checkpoint's weights file (``flashsvd.safetensors``; ``model.safetensors`` in format 1)."""
+    folder = Path(folder)
+    path = folder / WEIGHTS
+    if not path.is_file() and (folder / LEGACY_WEIGHTS).is_file():
+        return folder / LEGACY_WEIGHTS
+    return path
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / WEIGHTS
+    path = weights_path(folder)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     try:
@@ -294,48 +415,94 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({e})") from e
 
 
-def load(folder: str | os.PathLike, *, backend: str = "torch", device=None, dtype=None, model_class=None):
+def _retarget(model: nn.Module, state: dict, ranks: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Move saved names onto ``model`` when it is the base of the saved class or a head over it.
+
+    HF lets ``AutoModel`` load a ``...ForSequenceClassification`` checkpoint (and the reverse): names
+    gain or lose the ``base_model_prefix``.  Only the prefix moves; nothing else is renamed.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return state, dict(ranks)
+    saved_has_prefix = any(k.startswith(prefix + ".") for k in state)
+    model_has_prefix = hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module)
+    if saved_has_prefix and not model_has_prefix:  # head checkpoint -> base model
+        n = len(prefix) + 1
+        return (
+            {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")},
+            {k[n:]: r for k, r in ranks.items() if k.startswith(prefix + ".")},
+        )
+    if model_has_prefix and not saved_has_prefix:  # base checkpoint -> head model
+        return {f"{prefix}.{k}": v for k, v in state.items()}, {f"{prefix}.{k}": r for k, r in ranks.items()}
+    return state, dict(ranks)
+
+
+def load(
+    folder: str | os.PathLike,
+    *,
+    backend: str = "torch",
+    device=None,
+    dtype=None,
+    model_class=None,
+    config=None,
+):
     """Rebuild a compressed model saved by :func:`save_compressed` (no pickle, no remote code).
+
+    Every tensor of the compressed layers (and of the rest of the base model) must be in the file:
+    anything missing is a :class:`CheckpointError`, never a randomly initialised layer.  Only a task
+    head that the saved model did not have (``AutoModelForSequenceClassification`` on a base-model
+    checkpoint) is initialised fresh, with a warning, as ``transformers`` does.
 
     Args:
         folder: the checkpoint folder.
         backend: ``"torch"`` or ``"flash"``.
         device, dtype: where/how to materialize (default: CPU, the saved dtype).
         model_class: the HF class to build (default: ``config.architectures[0]`` from ``transformers``).
+        config: the source config to build with (default: read from ``folder``; loaders pass one that
+            already holds the user's overrides, e.g. ``num_labels``).
     """
     import transformers
 
     from flashsvd.models.backend import set_backend
 
-    config = read_config(folder)
-    block = flashsvd_block(config)
+    folder = Path(folder)
+    file_config = read_config(folder)
+    block = flashsvd_block(file_config)
+    config = file_config if config is None else config
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch, None) if arch else None
         if model_class is None:
-            raise CheckpointError(
-                f"{Path(folder) / CONFIG}: unknown architectures {arch!r}; pass model_class="
-            )
+            raise CheckpointError(f"{folder / CONFIG}: unknown architectures {arch!r}; pass model_class=")
     state = read_weights(folder)
-    saved_q = config.quantization_config
+    saved_q = block
     config.quantization_config = None
     del config.quantization_config
     first = next(iter(state.values()), None)
     dtype = dtype or (first.dtype if first is not None and first.is_floating_point() else None)
-    model = model_class._from_config(config, dtype=dtype) if dtype else model_class._from_config(config)
-    rebuild_lowrank(model, block["ranks"], dtype=dtype)
+    try:
+        model = model_class._from_config(config, dtype=dtype) if dtype else model_class._from_config(config)
+        state, ranks = _retarget(model, state, block["ranks"])
+        rebuild_lowrank(model, ranks, dtype=dtype)
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{folder / CONFIG}: cannot rebuild a {model_class.__name__} from this checkpoint "
+            f"({type(e).__name__}: {e}); is the config of another architecture?"
+        ) from e
     expected = model.state_dict()
     bad = [k for k, v in state.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
     if bad:
-        raise CheckpointError(f"{Path(folder) / WEIGHTS}: tensors with unexpected shapes, e.g. {bad[:3]}")
+        raise CheckpointError(f"{weights_path(folder)}: tensors with unexpected shapes, e.g. {bad[:3]}")
     result = model.load_state_dict(state, strict=False)
-    tied = _tied_keys(model)
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{Path(folder) / WEIGHTS} does not match the architecture: missing {missing[:4]}, "
-            f"unexpected {list(result.unexpected_keys)[:4]}"
-        )
+    _check_keys(
+        model,
+        folder,
+        result.missing_keys,
+        result.unexpected_keys,
+        same_class=arch_matches(file_config, model),
+    )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.config.quantization_config = saved_q
@@ -344,6 +511,40 @@ def load(folder: str | os.PathLike, *, backend: str = "torch", device=None, dtyp
     model.eval()
     set_backend(model, backend)
     return model
+
+
+def arch_matches(config, model: nn.Module) -> bool:
+    """Whether ``model`` is the class the checkpoint was saved from."""
+    return type(model).__name__ in (getattr(config, "architectures", None) or [])
+
+
+def _check_keys(model: nn.Module, folder: Path, missing, unexpected, *, same_class: bool) -> None:
+    """Missing base-model tensors are an error; a new or dropped task head is a warning (HF's rule)."""
+    import warnings
+
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_base = bool(prefix) and hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module)
+
+    def in_head(k: str) -> bool:
+        return not same_class and has_base and not k.startswith(prefix + ".")
+
+    hard_missing = [k for k in missing if not in_head(k)]
+    hard_unexpected = [k for k in unexpected if same_class or (has_base and k.startswith(prefix + "."))]
+    if hard_missing or hard_unexpected:
+        raise CheckpointError(
+            f"{weights_path(folder)} does not match the architecture: missing {hard_missing[:4]}"
+            f"{' (and more)' if len(hard_missing) > 4 else ''}, unexpected {hard_unexpected[:4]}; "
+            "the file is incomplete or belongs to another model (nothing is loaded with random weights)"
+        )
+    new_head = [k for k in missing if in_head(k)]
+    if new_head:
+        warnings.warn(
+            f"{type(model).__name__}: newly initialized task-head weights (not in the checkpoint): {new_head[:4]}; "
+            "train them before use",
+            stacklevel=3,
+        )
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

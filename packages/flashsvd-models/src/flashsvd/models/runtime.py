@@ -107,6 +107,20 @@ def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None
     return None if bool(keep.all()) else keep.contiguous()
 
 
+#: the keyword under which HF attention modules receive the KV cache, newest first: transformers 5.24
+#: renamed ``past_key_values`` to ``cache``; a model calls its attention with exactly one of them.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def hf_cache(kwargs: dict):
+    """The KV cache HF passed to an attention module, whichever keyword this transformers uses."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
 class RopeTables:
     """``(cos, sin)`` tables ``[P, d_head]`` built by the model's own rotary module (any RoPE type).
 
@@ -146,7 +160,8 @@ class FlashAttention(FlashBlock):
         o: path of the output projection, or ``None`` when it lives outside (BERT's ``SelfOutput``).
         post: paths of modules applied after ``o`` in order (e.g. dropout).
         arg_names: names of HF's positional arguments after ``hidden_states``.
-        causal: decoder self-attention; ``cache``: store rank-space K/V in ``past_key_values``.
+        causal: decoder self-attention; ``cache``: store rank-space K/V in HF's cache argument
+            (``cache`` since transformers 5.24, ``past_key_values`` before: see :func:`hf_cache`).
         rope: tables provider or ``None``; ``scale``: softmax scale; ``layer_idx``: cache index.
     """
 
@@ -193,7 +208,7 @@ class FlashAttention(FlashBlock):
         pk = k.project(hidden_states).unflatten(-1, (k.n_heads, k.rank))
         pv = v.project(hidden_states).unflatten(-1, (v.n_heads, v.rank))
         positions = kwargs.get("position_ids")
-        cache = kwargs.get("past_key_values") if self.use_cache else None
+        cache = hf_cache(kwargs) if self.use_cache else None
         if positions is None:
             start = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             positions = torch.arange(start, start + M, device=hidden_states.device)[None]
@@ -238,7 +253,7 @@ class FlashAttention(FlashBlock):
         return cache is not None and self.causal and n_new <= DECODE_MAX_NEW_TOKENS and not needs_grad
 
     def _too_long_for_window(self, hidden_states: torch.Tensor, kwargs) -> bool:
-        cache = kwargs.get("past_key_values") if self.use_cache else None
+        cache = hf_cache(kwargs) if self.use_cache else None
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if past + hidden_states.shape[1] <= self.window:
             return False
