@@ -103,8 +103,9 @@ def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None
     keep = mask if mask.dtype == torch.bool else (mask == 0) if mask.dim() == 4 else mask.to(torch.bool)
     if keep.dim() == 4:
         keep = keep.any(dim=-2).any(dim=1)
-    keep = keep[:, -n_keys:].expand(batch, n_keys)
-    return None if bool(keep.all()) else keep.contiguous()
+    # No "all keys real → None" shortcut: reading the answer back is a host sync (it stalls every
+    # eager call and breaks CUDA-graph capture), while the kernels read the mask almost for free.
+    return keep[:, -n_keys:].expand(batch, n_keys).contiguous()
 
 
 #: the keyword under which HF attention modules receive the KV cache, newest first: transformers 5.24
@@ -126,19 +127,30 @@ class RopeTables:
 
     One instance is shared by all attention blocks using the same rotary module (and ``layer_type``
     for ModernBERT); tables are cached and grown by doubling, except for dynamic RoPE types whose
-    frequencies depend on the sequence length (rebuilt every call).
+    frequencies depend on the sequence length (rebuilt every call).  ``min_positions`` (the model's
+    ``max_position_embeddings``) sizes the first table so that a model's positions never need a
+    host-side ``positions.max()`` (a device sync) to size it.
     """
 
-    def __init__(self, rotary: nn.Module, layer_type: str | None = None, dynamic: bool = False) -> None:
+    def __init__(
+        self,
+        rotary: nn.Module,
+        layer_type: str | None = None,
+        dynamic: bool = False,
+        min_positions: int = 256,
+    ) -> None:
         self.rotary, self.layer_type, self.dynamic = rotary, layer_type, dynamic
+        self.min_positions = int(min_positions)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, n_positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._table
+        if not self.dynamic:
+            n_positions = max(n_positions, self.min_positions)
         if (not self.dynamic and t is not None and t[0].shape[0] >= n_positions
                 and t[0].device == like.device and t[0].dtype == like.dtype):  # fmt: skip
             return t
-        size = n_positions if self.dynamic else max(256, 1 << (n_positions - 1).bit_length())
+        size = n_positions if self.dynamic else 1 << (n_positions - 1).bit_length()
         pos = torch.arange(size, device=like.device)[None]
         args = (like, pos) if self.layer_type is None else (like, pos, self.layer_type)
         cos, sin = self.rotary(*args)
@@ -222,8 +234,9 @@ class FlashAttention(FlashBlock):
         key_valid = key_valid_from_hf_mask(kwargs.get("attention_mask"), B, N)
         rope = None
         if self.rope is not None:
-            n_pos = int(max(int(positions.max()), int(key_positions.max()))) + 1
-            rope = self.rope(n_pos, hidden_states)
+            # HF positions never exceed their cache slot (left padding only lowers them), so the key
+            # count bounds them without reading positions back from the device.
+            rope = self.rope(N, hidden_states)
         factors = (q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v))
         rope_kw = dict(
             rope=rope,
@@ -277,6 +290,8 @@ class FlashFFN(FlashBlock):
             ``swiglu``/``geglu``).
         post: paths (relative to this block) applied to the result (dropout).
         linears: ``{role: module}`` when the layers are not children of ``original``.
+        policy: fused kernel vs cuBLAS chain per call shape (:mod:`flashsvd.kernels.ffn_policy`):
+            ``"balanced"``, ``"fastest"`` or ``"leanest"``.
     """
 
     def __init__(
@@ -287,6 +302,7 @@ class FlashFFN(FlashBlock):
         activation: str,
         post: Sequence[str] = (),
         backend: str = "auto",
+        policy: str = "balanced",
     ) -> None:
         super().__init__(original)
         for role, lin in linears.items():
@@ -294,6 +310,7 @@ class FlashFFN(FlashBlock):
                 raise TypeError(f"FFN {role} must be a LowRankLinear, got {type(lin).__name__}")
         object.__setattr__(self, "_linears", dict(linears))
         self.kernel_activation, self._post, self.kernel_backend = activation, tuple(post), backend
+        self.policy = policy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         li = self._linears
@@ -301,11 +318,13 @@ class FlashFFN(FlashBlock):
         if "gate" in li:
             g, u = li["gate"], li["up"]
             f = GatedFFNFactors(g.u, g.v, g.bias, u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_gated_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+            out = lowrank_gated_ffn(
+                x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy
+            )
         else:
             u = li["up"]
             f = FFNFactors(u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy)
         for path in self._post:
             out = get_module(self, path)(out)
         return out
