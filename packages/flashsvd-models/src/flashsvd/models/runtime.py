@@ -216,9 +216,12 @@ class FlashAttention(FlashBlock):
         kwargs.update(zip(self._arg_names, args))
         q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
         B, M = hidden_states.shape[:2]
-        pq = q.project(hidden_states).unflatten(-1, (q.n_heads, q.rank))
-        pk = k.project(hidden_states).unflatten(-1, (k.n_heads, k.rank))
-        pv = v.project(hidden_states).unflatten(-1, (v.n_heads, v.rank))
+        # One GEMM for the three rank-space projections (x·[u_q | u_k | u_v]).
+        p = hidden_states @ self._fused_u(q, k, v)
+        pq, pk, pv = p.split([q.u.shape[1], k.u.shape[1], v.u.shape[1]], dim=-1)
+        pq = pq.unflatten(-1, (q.n_heads, q.rank))
+        pk = pk.unflatten(-1, (k.n_heads, k.rank))
+        pv = pv.unflatten(-1, (v.n_heads, v.rank))
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
         if positions is None:
@@ -226,12 +229,20 @@ class FlashAttention(FlashBlock):
             positions = torch.arange(start, start + M, device=hidden_states.device)[None]
         positions = positions.to(torch.long).expand(B, M)
         key_positions = positions
+        decode = self._use_decode_kernel(cache, M, pq)
+        lengths, mask = None, kwargs.get("attention_mask")
         if cache is not None:
             layer = rank_space_layer(cache, self.layer_idx)
             pk, pv = layer.update(pk, pv, positions=positions)
             key_positions = layer.positions
+            if layer.static and decode:
+                # Whole buffers, device lengths, fixed launch size: a captured step replays right.
+                store = layer.store
+                pk, pv, key_positions, lengths = store.pk, store.pv, store.positions, store.lengths
+            elif layer.static and mask is not None:
+                mask = mask[..., : pk.shape[1]]  # HF's static mask spans the capacity
         N = pk.shape[1]
-        key_valid = key_valid_from_hf_mask(kwargs.get("attention_mask"), B, N)
+        key_valid = key_valid_from_hf_mask(mask, B, N)
         rope = None
         if self.rope is not None:
             # HF positions never exceed their cache slot (left padding only lowers them), so the key
@@ -243,9 +254,9 @@ class FlashAttention(FlashBlock):
             positions=positions if rope is not None else None,
             key_positions=key_positions if rope is not None else None,
         )
-        if self._use_decode_kernel(cache, M, pq):
+        if decode:
             out = lowrank_attention_decode(
-                pq, (pk, pv), *factors, key_padding_mask=key_valid, scale=self.scale,
+                pq, (pk, pv), *factors, lengths=lengths, key_padding_mask=key_valid, scale=self.scale,
                 backend=self.kernel_backend, **rope_kw,
             )  # fmt: skip
         else:
@@ -259,6 +270,19 @@ class FlashAttention(FlashBlock):
         for path in self._post:
             out = get_module(self, path)(out)
         return out, None
+
+    def _fused_u(self, q: LowRankLinear, k: LowRankLinear, v: LowRankLinear) -> torch.Tensor:
+        """``[u_q | u_k | u_v]``, cached until a factor changes (rebuilt, differentiable, when training)."""
+        us = (q.u, k.u, v.u)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(u.requires_grad for u in us)):
+            return torch.cat(us, dim=1)
+        key = tuple((u.data_ptr(), u._version, u.shape, u.dtype) for u in us)
+        cached = self.__dict__.get("_qkv_u")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.cat(us, dim=1))
+            self.__dict__["_qkv_u"] = cached  # not a buffer: outside the state dict
+        return cached[1]
 
     def _use_decode_kernel(self, cache, n_new: int, pq: torch.Tensor) -> bool:
         """A cached causal step of few tokens, without autograd (the decode kernel has no backward)."""
