@@ -105,8 +105,11 @@ def _rank_summary(report) -> str:
     return "/".join(map(str, vals))
 
 
-def compressed_variants(dense, keep: float, multiple: int):
-    """Yield ``(name, model, report)``: dense, torch backend, flash backend (one compressed copy)."""
+def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False):
+    """Yield ``(name, model, report)``: dense, torch backend, flash backend (one compressed copy).
+
+    The flash backend runs its default FFN policy (``balanced``); ``fastest`` adds ``flash-fastest``.
+    """
     import flashsvd.models as fm
 
     yield "dense", dense, None
@@ -115,28 +118,17 @@ def compressed_variants(dense, keep: float, multiple: int):
     yield "torch", model, report
     fm.set_backend(model, "flash")
     yield "flash", model, report
+    if fastest:
+        fm.set_backend(model, "flash", ffn_policy="fastest")
+        yield "flash-fastest", model, report
     del model
 
 
-# ---- CUDA graphs ---------------------------------------------------------------------------------------
-def cuda_graph(fn, warmup: int = 3):
-    """Capture ``fn()`` (static inputs) in one CUDA graph; return ``replay()`` giving its static output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+# ---- timing ----------------------------------------------------------------------------------------
+def cuda_graph(fn):
+    from flashsvd.models.graphs import cuda_graph as capture
 
-    def replay():
-        graph.replay()
-        return out
-
-    replay.graph = graph
-    return replay
+    return capture(fn)
 
 
 def _time(fn, warmup: int, repeats: int) -> float:
@@ -157,7 +149,7 @@ def bench_bert(rows, args):
     for seq in args.bert_seqs:
         ids = torch.randint(0, cfg.vocab_size, (args.batch, seq)).cuda()
         mask = torch.ones_like(ids)
-        for name, model, report in compressed_variants(dense, args.keep, args.multiple):
+        for name, model, report in compressed_variants(dense, args.keep, args.multiple, fastest=True):
             base = {"bench": "bert-base", "variant": name, "batch": args.batch, "seq": seq, "new_tokens": 0,
                     "ranks": "" if report is None else _rank_summary(report),
                     "kept_fraction": 1.0 if report is None else round(report.kept_fraction, 4)}  # fmt: skip
@@ -175,7 +167,9 @@ def bench_bert(rows, args):
                         out, mem = measure_memory(fn, model)
                         out_bytes = out.numel() * out.element_size()
                         del out
-                        row["peak_mb"] = _mb(mem.peak_bytes)
+                        # The model's own peak: its weights + what the forward allocates (the
+                        # allocator's raw peak would also count the dense model kept for comparison).
+                        row["peak_mb"] = _mb(mem.persistent_bytes + mem.transient_bytes)
                         row["transient_mb"] = _mb(mem.transient_bytes - out_bytes)
                     fn = None
                 except Exception as exc:  # a row with the error, not a crash
@@ -193,7 +187,7 @@ def _ratios(rows, bench, seq, key="latency_ms", batch=None):
     group = [
         r for r in rows if r["bench"] == bench and r["seq"] == seq and (batch is None or r["batch"] == batch)
     ]
-    for mode in ("eager", "graphed"):
+    for mode in ("eager", "eager-loop", "graphed"):
         by = {r["variant"]: r.get(key) for r in group if r["mode"] == mode}
         for r in group:
             if r["mode"] != mode or not r.get(key):
@@ -205,14 +199,25 @@ def _ratios(rows, bench, seq, key="latency_ms", batch=None):
 
 # ---- LLaMA decode --------------------------------------------------------------------------------------
 def _kv_bytes(cache) -> int:
-    from flashsvd.models.cache import RankSpaceCacheLayer
+    """Bytes of the cached tokens (rank-space layers: the used part of their preallocated store)."""
+    return sum(
+        lay.keys.nbytes + lay.values.nbytes for lay in cache.layers if getattr(lay, "keys", None) is not None
+    )
 
-    total = 0
-    for lay in getattr(cache, "layers", []):
-        if isinstance(lay, RankSpaceCacheLayer):
-            total += lay.nbytes
-        elif getattr(lay, "keys", None) is not None:
-            total += lay.keys.nbytes + lay.values.nbytes
+
+def _static_kv_bytes(model, batch: int, length: int) -> int:
+    """Bytes of a static cache of ``length`` tokens: rank-space on the flash backend, else dense."""
+    from flashsvd.models import get_backend
+    from flashsvd.models.lowrank import LowRankLinear
+
+    cfg, total = model.config, 0
+    for layer in model.model.layers:
+        k, v = layer.self_attn.k_proj, layer.self_attn.v_proj
+        if get_backend(model) == "flash" and isinstance(k, LowRankLinear):
+            width = k.n_heads * k.rank + v.n_heads * v.rank
+        else:
+            width = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        total += batch * length * width * 2  # fp16
     return total
 
 
@@ -242,40 +247,29 @@ def _generate(model, ids, new_tokens):
     return total, out.past_key_values
 
 
-def _static_decode(model, ids, new_tokens):
-    """Greedy decode over a preallocated cache, one decode step captured in a CUDA graph.
-
-    Returns (prefill ms, decode tokens/s, cache).  The dense model uses HF's ``StaticCache``; a model
-    on the flash backend must accept it too (today it does not: that is a row with the error).
-    """
-    from transformers import StaticCache
-
-    B, P = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=P + new_tokens + 8)
+def _eager_loop(model, ids, new_tokens):
+    """Decode tokens/s of a plain eager loop (model calls only, HF's default cache): generate()'s
+    own per-step work left out, as ``benchmarks/models/e2e.py`` measures."""
     with torch.no_grad():
-        _sync()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=ids.device),
-                    use_cache=True, logits_to_keep=1)  # fmt: skip
-        _sync()
-        prefill = (time.perf_counter() - t0) * 1e3
-        tok = out.logits[:, -1:].argmax(-1)
-        pos = torch.full((1,), P, dtype=torch.long, device=ids.device)
-
-        def step():
-            logits = model(input_ids=tok, past_key_values=cache, cache_position=pos,
-                           position_ids=pos[None].expand(B, 1), use_cache=True).logits  # fmt: skip
-            tok.copy_(logits[:, -1:].argmax(-1))
-            pos.add_(1)
-
-        replay = cuda_graph(step, warmup=2)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         _sync()
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            replay()
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
         _sync()
         dt = time.perf_counter() - t0
-    return prefill, B * new_tokens / dt, cache
+    return ids.shape[0] * new_tokens / dt, cache
+
+
+def _static_decode(model, ids, new_tokens):
+    """(prefill ms, decode tokens/s, cache bytes) of :func:`flashsvd.models.generate_greedy` (graphed)."""
+    from flashsvd.models.graphs import generate_greedy
+
+    t: dict[str, float] = {}
+    generate_greedy(model, ids, new_tokens, timings=t)
+    return t["prefill_ms"], ids.shape[0] * t["decode_steps"] / (t["decode_ms"] / 1e3)
 
 
 def bench_llama(rows, args):
@@ -296,23 +290,29 @@ def bench_llama(rows, args):
             base = {"bench": "llama7b-4layer", "variant": name, "batch": B, "seq": args.prefill,
                     "new_tokens": args.decode, "ranks": "" if report is None else _rank_summary(report),
                     "kept_fraction": 1.0 if report is None else round(report.kept_fraction, 4)}  # fmt: skip
-            for mode in ("eager", "graphed"):
+            for mode in ("eager", "eager-loop", "graphed"):
                 row = {**base, "mode": mode}
                 try:
                     if mode == "eager":
                         prefill = _prefill_ms(model, ids)
                         total, cache = _generate(model, ids, args.decode)
                         row["tokens_per_s"] = round(B * args.decode / (total - prefill / 1e3), 1)
-                    else:
-                        prefill, tps, cache = _static_decode(model, ids, args.decode)
+                        kv = _kv_bytes(cache)
+                        del cache
+                    elif mode == "eager-loop":
+                        tps, cache = _eager_loop(model, ids, args.decode)
                         row["tokens_per_s"] = round(tps, 1)
-                    kv = _kv_bytes(cache)
+                        kv = _kv_bytes(cache)
+                        del cache
+                    else:
+                        prefill, tps = _static_decode(model, ids, args.decode)
+                        row["tokens_per_s"] = round(tps, 1)
+                        kv = _static_kv_bytes(model, B, args.prefill + args.decode)
                     row["prefill_ms"] = round(prefill, 2)
                     row["kv_cache_mb"] = _mb(kv)
                     # Weight-bandwidth limit: weights + the (average) cache read once per step.
                     per_step = weight_bytes + 0.5 * kv * (1 + args.prefill / (args.prefill + args.decode))
                     row["limit_tokens_per_s"] = round(B * bandwidth * 1e12 / per_step, 1)
-                    del cache
                 except Exception as exc:
                     traceback.print_exc()
                     row["error"] = _err(exc)

@@ -15,6 +15,7 @@ uses HF's ``StaticCache``, which the flash backend turns into a static rank-spac
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,8 @@ def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # "relaxed": a kernel specialization first met during the capture may load its module there.
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
         out = fn()
 
     def replay():
@@ -88,13 +90,20 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 def generate_greedy(
-    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, graph: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    graph: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding over a preallocated ``StaticCache``; ``[B, prompt + new]`` token ids.
 
     The prompt runs eagerly (prefill); each decode step is one replay of a captured CUDA graph when
     ``graph`` (the default; needs CUDA) or a plain eager call otherwise.  Works the same for the dense
     model and both compressed backends.  No stopping criteria: it decodes ``max_new_tokens`` tokens.
+    ``timings``, if given, receives ``prefill_ms`` and ``decode_ms`` (the steps after the capture,
+    ``decode_steps`` of them), measured with device synchronization.
     """
     from transformers import StaticCache
 
@@ -108,9 +117,11 @@ def generate_greedy(
     kw = {"cache" if _accepts(model, "cache") else "past_key_values": cache, "use_cache": True}
     out_ids = input_ids.new_empty(B, P + max_new_tokens)
     out_ids[:, :P] = input_ids
+    clock = _Clock(input_ids.device)
     with torch.no_grad():
         extra = {"cache_position": torch.arange(P, device=input_ids.device)} if with_pos else {}
         logits = model(input_ids=input_ids, logits_to_keep=1, **kw, **extra).logits
+        prefill_ms = clock.lap()
         tok = logits[:, -1:].argmax(-1)
         out_ids[:, P : P + 1] = tok
         if max_new_tokens == 1:
@@ -130,7 +141,29 @@ def generate_greedy(
             n = 1
         else:
             replay, n = step, 0
+        clock.lap()
         for i in range(n, max_new_tokens - 1):
             replay()
             out_ids[:, P + 1 + i : P + 2 + i] = tok
+        if timings is not None:
+            timings.update(prefill_ms=prefill_ms, decode_ms=clock.lap(), decode_steps=max_new_tokens - 1 - n)
     return out_ids
+
+
+class _Clock:
+    """Host wall clock with a device synchronization at each lap (timings are optional extras)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._sync()
+        self.t = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def lap(self) -> float:
+        self._sync()
+        now = time.perf_counter()
+        ms, self.t = (now - self.t) * 1e3, now
+        return ms
