@@ -208,6 +208,32 @@ def _triton_forward(x2d: torch.Tensor, tensors: tuple, activation: str, gated: b
     return ffn_forward_triton(x2d @ u1, None, v1, None, b1, None, u2, v2, b2, activation, False)
 
 
+@torch.library.custom_op("flashsvd::lowrank_ffn_fused", mutates_args=())
+def _fused_op(
+    x2d: torch.Tensor, u_a: torch.Tensor, v_a: torch.Tensor, b_a: torch.Tensor | None, u_b: torch.Tensor | None,
+    v_b: torch.Tensor | None, b_b: torch.Tensor | None, u2: torch.Tensor, v2: torch.Tensor, b2: torch.Tensor | None,
+    activation: str, gated: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The fused kernel as a ``torch.library`` op (``torch.compile`` traces through it, opaque)."""
+    tensors = (u_a, v_a, b_a, u_b, v_b, b_b, u2, v2, b2) if gated else (u_a, v_a, b_a, u2, v2, b2)
+    return _triton_forward(x2d, tensors, activation, gated)
+
+
+@_fused_op.register_fake
+def _(x2d, u_a, v_a, b_a, u_b, v_b, b_b, u2, v2, b2, activation, gated):
+    return x2d.new_empty(x2d.shape[0], v2.shape[1])
+
+
+def _fused(x2d, tensors, activation, gated) -> torch.Tensor:
+    """Direct launch in eager (no dispatcher cost); the registered op under ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return _triton_forward(x2d, tensors, activation, gated)
+    if gated:
+        return _fused_op(x2d, *tensors, activation, gated)
+    u1, v1, b1, u2, v2, b2 = tensors
+    return _fused_op(x2d, u1, v1, b1, None, None, None, u2, v2, b2, activation, gated)
+
+
 def _act_(h: torch.Tensor, activation: str) -> torch.Tensor:
     """In-place activation (the chain keeps one ``[tokens, d_ff]`` buffer, not two)."""
     if activation == "gelu":
@@ -256,7 +282,7 @@ def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
 
     def run(name):
         if name == "fused":
-            return _triton_forward(x2d, tensors, activation, gated)
+            return _fused(x2d, tensors, activation, gated)
         return _chain_forward(x2d, tensors, activation, gated, ffn_policy.CHUNKS if name == "chunked" else 1)
 
     return run(ffn_policy.choose(key, policy, run, T, d_ff, x2d, gated))
@@ -322,7 +348,7 @@ def _dispatch(x, tensors, activation, gated, backend, policy="balanced"):
         if requested == "auto" and x2d.is_cuda:
             out = _policy_forward(x2d, tensors, kernel_activation, gated, policy)
         else:  # backend="triton": the fused kernel, as asked
-            out = _triton_forward(x2d, tensors, kernel_activation, gated)
+            out = _fused(x2d, tensors, kernel_activation, gated)
     return out.reshape(*lead, d_out)
 
 
