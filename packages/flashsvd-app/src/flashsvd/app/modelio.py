@@ -170,6 +170,18 @@ def _auto_class(head: str, config: dict[str, Any] | None):
     }.get(head, transformers.AutoModel)
 
 
+def saved_dtype(source: ModelSource) -> str | None:
+    """The dtype the model's config declares (``dtype``, formerly ``torch_dtype``), if a local folder has one."""
+    if source.kind == "gguf" or not source.path.is_dir():
+        return None
+    try:
+        config = read_config(source.path)
+    except AppError:  # a folder without a readable config declares no dtype; loading it says why
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
 def model_head(source: ModelSource) -> str:
     """``base``, ``classification`` or ``causal-lm`` from the config's architectures (GGUF: causal-lm)."""
     if source.kind == "gguf":

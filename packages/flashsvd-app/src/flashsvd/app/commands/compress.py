@@ -149,7 +149,7 @@ def run(**kw) -> None:
         )
     spec = get_task(kw["task"]) if kw["task"] else None
     device = resolve_device(kw["device"])
-    dtype = resolve_dtype(kw["dtype"], device)
+    dtype = resolve_dtype(kw["dtype"], device, modelio.saved_dtype(source))
     label = method or (recipe.name if recipe is not None else "default")
     out = Path(kw["output"]) if kw["output"] else default_output(source.name, label, ranks)
     check_output_dir(out, kw["overwrite"])  # fail before the expensive part

@@ -102,7 +102,7 @@ def run(**kw) -> None:
         check_result_file(Path(kw["output"]))
     source = modelio.resolve(str(kw["checkpoint"]) if kw["checkpoint"] is not None else kw["model"])
     device = resolve_device(kw["device"])
-    dtype = resolve_dtype(kw["dtype"], device)
+    dtype = resolve_dtype(kw["dtype"], device, modelio.saved_dtype(source))
     if kw["lm_eval"]:
         return _run_harness(kw, source, device, dtype, console)
     spec = get_task(kw["task"])
