@@ -285,3 +285,13 @@ def test_an_unnamed_decoding_error_still_reads_as_advice():
 
     message, code = describe(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
     assert code == 2 and message.startswith("a file is not UTF-8 text") and "--debug" in message
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(cli, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        modelio, "cached_snapshot", lambda repo_id: tiny_bert if repo_id == "someone/tiny" else None
+    )
+    monkeypatch.chdir(tmp_path)
+    res = cli("compress", "-m", "someone/tiny", "--rank", "4", "--quiet", env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "compressed_models" / "tiny_svd_r4" / "config.json").is_file()
