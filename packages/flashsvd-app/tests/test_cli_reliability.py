@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -82,9 +83,16 @@ def test_partials_of_dead_processes_are_cleaned_and_live_ones_kept(cli, tiny_ber
     (tmp_path / f".r.json.partial-{DEAD_PID}-x").write_text("{")
     live = tmp_path / f".p.partial-{os.getppid()}-abc"
     live.mkdir()
+    old_style, recent = (
+        tmp_path / ".q.partial-k2j_x9ab",
+        tmp_path / ".s.partial-m3n_y0cd",
+    )  # no pid in the name
+    old_style.mkdir()
+    recent.mkdir()
+    os.utime(old_style, (time.time() - 2 * 86400,) * 2)
     res = cli("compress", "--model", tiny_bert, "--rank", "4", "--output", tmp_path / "o", "--quiet")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "o"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, recent.name, "o"]
     assert clean_stale_partials(tmp_path) == []
 
 
@@ -285,3 +293,13 @@ def test_an_unnamed_decoding_error_still_reads_as_advice():
 
     message, code = describe(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
     assert code == 2 and message.startswith("a file is not UTF-8 text") and "--debug" in message
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(cli, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        modelio, "cached_snapshot", lambda repo_id: tiny_bert if repo_id == "someone/tiny" else None
+    )
+    monkeypatch.chdir(tmp_path)
+    res = cli("compress", "-m", "someone/tiny", "--rank", "4", "--quiet", env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "compressed_models" / "tiny_svd_r4" / "config.json").is_file()

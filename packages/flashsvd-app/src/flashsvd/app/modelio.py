@@ -95,22 +95,22 @@ def resolve(model: str | None) -> ModelSource:
         raise AppError(f"model path {name!r} does not exist", hint="check the path, or use --model default.")
     from flashsvd.app.tasks.data import offline
 
+    if not offline():
+        host = hub_unreachable()
+        if host is None:
+            return ModelSource("hf", name, name.rsplit("/", 1)[-1])
+        why = f"the Hugging Face Hub ({host}) cannot be reached"
+    else:
+        why = "running offline so the Hub cannot be asked"
     cached = cached_snapshot(name)
     if cached is not None:  # downloaded before: load the local copy, no network round trips
-        return ModelSource("hf", str(cached), name.rsplit("/", 1)[-1])
-    hint = "pass a local folder, a .gguf file, `default` (packaged MiniLM) or `smollm2`."
-    if offline():
-        raise AppError(
-            f"unknown model {name!r}: not a local folder, and running offline so the Hub cannot be asked",
-            hint=hint,
-        )
-    host = hub_unreachable()
-    if host is not None:
-        raise AppError(
-            f"unknown model {name!r}: not a local folder, and the Hugging Face Hub ({host}) cannot be reached",
-            hint=hint + " Set HF_HUB_OFFLINE=1 on machines without network access.",
-        )
-    return ModelSource("hf", name, name.rsplit("/", 1)[-1])
+        kind = "flashsvd" if flashsvd_block(read_config(cached)) else "hf"
+        return ModelSource(kind, str(cached), name.rsplit("/", 1)[-1])
+    raise AppError(
+        f"unknown model {name!r}: not a local folder, and {why}",
+        hint="pass a local folder, a .gguf file, `default` (packaged MiniLM) or `smollm2`"
+        + ("." if offline() else "; set HF_HUB_OFFLINE=1 on machines without network access."),
+    )
 
 
 def cached_snapshot(repo_id: str) -> Path | None:

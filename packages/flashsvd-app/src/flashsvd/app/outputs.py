@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ REPORT_FILE = "flashsvd_report.json"
 #: files whose presence marks a folder as written by flashsvd (with a flashsvd ``config.json``)
 MARKER_FILES = (REPORT_FILE, "trainer_state.json")
 #: ``.<name>.partial-<pid>-<random>`` (being written) and ``.<name>.old-<pid>`` (being replaced)
+#: age after which a partial without a pid in its name (written by an earlier version) counts as stale
+PIDLESS_MAX_AGE_S = 24 * 3600
 _LEFTOVER = re.compile(r"^\..+\.(?:partial|old)-(\d+)(?:-.*)?$")
 
 
@@ -65,7 +68,11 @@ def clean_stale_partials(folder: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             m = _LEFTOVER.match(entry.name)
-            if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            if m is None:
+                # earlier versions named partials without their pid: removed once they are a day old
+                if not is_leftover(entry) or time.time() - entry.lstat().st_mtime < PIDLESS_MAX_AGE_S:
+                    continue
+            elif int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
