@@ -54,3 +54,27 @@ def test_graphed_static_decoding_matches_eager(tiny, make_inputs):
     eager = fm.generate_greedy(model, ids, 6, graph=False)
     graphed = fm.generate_greedy(model, ids, 6, graph=True)
     assert torch.equal(graphed, eager)
+
+
+def test_fused_qkv_shares_storage_and_keeps_checkpoints(tiny, make_inputs, tmp_path):
+    """The flash backend's one-GEMM Q/K/V projection stores the factors once (column views of one
+    matrix): same state-dict keys and values, same parameter bytes, and save/load round-trips."""
+    from flashsvd.models.measure import persistent_bytes
+
+    model, _ = fm.compress(tiny("bert"), keep_ratio=0.6, backend="flash")
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    n_bytes = persistent_bytes(model)
+    ids, mask = make_inputs("bert")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)[0]
+    attn = model.bert.encoder.layer[0].attention.self
+    q, k, v = attn.query.u, attn.key.u, attn.value.u
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert persistent_bytes(model) == n_bytes
+    fm.save_compressed(model, tmp_path / "m")
+    loaded = fm.load(tmp_path / "m")
+    fm.set_backend(loaded, "flash")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask)[0], ref)

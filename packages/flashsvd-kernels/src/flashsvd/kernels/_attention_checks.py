@@ -42,8 +42,30 @@ def _need(t: torch.Tensor, name: str, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
 
 
+_CHECKED: dict[tuple, AttnDims] = {}  # signatures that passed: a hot call re-checks nothing
+_MAX_CHECKED = 4096
+
+
 def check_factors(pq, pk, pv, vq, vk, vv, bq, bk, bv) -> AttnDims:
-    """Check the projections/factors/biases; return the sizes.  Shapes are in the messages."""
+    """Check the projections/factors/biases; return the sizes.  Shapes are in the messages.
+
+    A signature (shape, dtype, device of every argument) that passed once is remembered, so a model's
+    repeated calls cost one tuple and one dict lookup instead of the full check (host time per call).
+    """
+    tensors = (pq, pk, pv, vq, vk, vv, bq, bk, bv)
+    key = None
+    if all(t is None or isinstance(t, torch.Tensor) for t in tensors) and not torch.compiler.is_compiling():
+        key = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+        dims = _CHECKED.get(key)
+        if dims is not None:
+            return dims
+    dims = _check_factors(*tensors)
+    if key is not None and len(_CHECKED) < _MAX_CHECKED:
+        _CHECKED[key] = dims
+    return dims
+
+
+def _check_factors(pq, pk, pv, vq, vk, vv, bq, bk, bv) -> AttnDims:
     _need(pq, "pq", 4, "[B, M, Hq, rq]")
     _need(pk, "pk", 4, "[B, N, Hkv, rk]")
     _need(pv, "pv", 4, "[B, N, Hkv, rv]")

@@ -272,17 +272,25 @@ class FlashAttention(FlashBlock):
         return out, None
 
     def _fused_u(self, q: LowRankLinear, k: LowRankLinear, v: LowRankLinear) -> torch.Tensor:
-        """``[u_q | u_k | u_v]``, cached until a factor changes (rebuilt, differentiable, when training)."""
+        """``[u_q | u_k | u_v]`` for one projection GEMM, without a second copy of the factors.
+
+        Inference: the three ``u`` parameters become column views of one ``[d, Hq·rq + 2·Hkv·r]``
+        storage (once; again if ``.to()`` or a load with ``assign=True`` split them), and the fused
+        matrix is a view of it.  Training or tracing: a differentiable ``torch.cat``.
+        """
         us = (q.u, k.u, v.u)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(u.requires_grad for u in us)):
             return torch.cat(us, dim=1)
-        key = tuple((u.data_ptr(), u._version, u.shape, u.dtype) for u in us)
-        cached = self.__dict__.get("_qkv_u")
-        if cached is None or cached[0] != key:
+        fused = _shared_columns(us)
+        if fused is None:
             with torch.no_grad():
-                cached = (key, torch.cat(us, dim=1))
-            self.__dict__["_qkv_u"] = cached  # not a buffer: outside the state dict
-        return cached[1]
+                fused = torch.cat([u.detach() for u in us], dim=1)
+                start = 0
+                for lin in (q, k, v):
+                    n = lin.u.shape[1]
+                    lin.u.data = fused[:, start : start + n]
+                    start += n
+        return fused
 
     def _use_decode_kernel(self, cache, n_new: int, pq: torch.Tensor) -> bool:
         """A cached causal step of few tokens, without autograd (the decode kernel has no backward)."""
@@ -300,6 +308,19 @@ class FlashAttention(FlashBlock):
                 f"layer {self.layer_idx}; the flash kernels have no windowed mask: use set_backend(model, 'torch')"
             )
         return True
+
+
+def _shared_columns(us: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The ``[d, Σ cols]`` matrix whose consecutive column blocks are ``us``, if they are laid out so."""
+    first = us[0].detach()
+    width = sum(u.shape[1] for u in us)
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for u in us:
+        if (u.untyped_storage().data_ptr() != ptr or u.stride() != (width, 1) or u.storage_offset() != offset
+                or u.dtype != first.dtype or u.shape[0] != first.shape[0]):  # fmt: skip
+            return None
+        offset += u.shape[1]
+    return first.as_strided((first.shape[0], width), (width, 1), first.storage_offset())
 
 
 # ---- FFN ---------------------------------------------------------------------------------------------
