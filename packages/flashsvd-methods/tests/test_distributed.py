@@ -158,7 +158,7 @@ def compute_sequential() -> dict[str, torch.Tensor]:
 
     counts = calibrate_blockwise_distributed(
         blocks,
-        inputs,
+        shard(inputs),
         lambda block, x: block(x),
         lambda i, block: [{"fc1": block.fc1}, {"fc2": block.fc2}],
         compress,

@@ -608,23 +608,25 @@ def calibrate_blockwise_distributed(
     compress: Callable[[int, dict[str, Any]], Any],
     **options: Any,
 ) -> list[Any]:
-    """:func:`~flashsvd.methods.calibrate_blockwise` on this rank's shard of ``inputs``.
+    """:func:`~flashsvd.methods.calibrate_blockwise` over this rank's cached block inputs.
 
-    Every rank runs the same block on its shard; before ``compress(i, stats)`` the statistics of the
-    group are all-reduced, so ``compress`` sees the totals of every shard (factorize inside it with
-    :func:`spread` so that all ranks install the same factors and the next block's inputs agree).
-    Needs at least one cached batch per rank.
+    ``inputs`` are *this rank's* cached inputs of ``blocks[0]`` (capture them for ``shard(batches)``
+    only, so no rank holds the whole calibration set). Every rank runs the same block on its inputs;
+    before ``compress(i, stats)`` each group's statistics are all-reduced, so ``compress`` sees the
+    totals of all shards. Factorize inside ``compress`` with :func:`spread`, so every rank installs the
+    same factors and the next block's inputs stay consistent. Every rank needs at least one batch.
     """
     from flashsvd.methods.sequential import calibrate_blockwise
 
-    world = get_world_size()
-    if len(inputs) < world:
-        raise DistributedError(
-            f"sequential calibration over {world} ranks needs at least {world} calibration batches, "
-            f"got {len(inputs)}: use more batches or fewer processes."
-        )
+    if is_distributed():
+        counts = _gather_objects(len(inputs), "sequential calibration")
+        if min(counts) == 0:
+            raise DistributedError(
+                f"sequential calibration: some ranks have no calibration batch (batches per rank: {counts}); "
+                "use at least as many batches as processes."
+            )
 
     def reduced(i: int, stats: dict[str, Any]) -> Any:
         return compress(i, all_reduce_statistics(stats, what=f"statistics of block {i}"))
 
-    return calibrate_blockwise(blocks, shard(inputs), run_block, targets, reduced, **options)
+    return calibrate_blockwise(blocks, inputs, run_block, targets, reduced, **options)

@@ -26,6 +26,7 @@ from flashsvd.methods import (
     factorize,
     get_method,
 )
+from flashsvd.methods.distributed import distributed_statistics, spread
 from flashsvd.models.adapters import Target, get_adapter
 from flashsvd.models.backend import set_backend
 from flashsvd.models.lowrank import FusedLinear, LowRankLinear, linear_from_dense
@@ -150,6 +151,12 @@ def _loss_of(model: nn.Module) -> Callable[[Any], torch.Tensor]:
 
 
 def _collect(model, targets, calibration, spec, run) -> dict:
+    # Distributed integration point 1 of 2: under torchrun each rank collects on its shard of the
+    # batches and one all-reduce sums the statistics (the identity without a process group).
+    return distributed_statistics(lambda shard: _collect_local(model, targets, shard, spec, run), calibration)
+
+
+def _collect_local(model, targets, calibration, spec, run) -> dict:
     sources = {t.source: get_module(model, t.source) for t in targets}
     if "fisher_in" in spec.requires:
         was = model.training
@@ -169,21 +176,35 @@ def _weight_grad_of(module: nn.Module) -> torch.Tensor | None:
 
 def _factor_targets(model, targets, ranks, method, stats, options, errors, progress) -> None:
     """Factorize ``targets`` (reading the dense weights) and install the low-rank modules."""
-    built: dict[str, nn.Module] = {}
-    for t in targets:
-        r = ranks.get(t.name)
-        if r is None:
-            continue
+    by_name = {t.name: t for t in targets if ranks.get(t.name) is not None}
+
+    def fit(name: str):
+        t = by_name[name]
         w, b = t.weight(model)
         st = stats.get(t.source) if stats else None
-        f = factorize(w.detach().float(), int(r), method, stats=st, bias=None if b is None else b.detach().float(),
+        f = factorize(w.detach().float(), int(ranks[name]), method, stats=st, bias=None if b is None else b.detach().float(),
                       n_heads=t.n_heads, **options)  # fmt: skip
+        if progress is not None:
+            progress(name)
+        return f.to(dtype=w.dtype)  # the installed dtype: half the memory and broadcast bytes of fp32
+
+    def cost(name: str) -> float:  # an SVD of an [out, in] matrix costs ~ out · in · min(out, in)
+        out_f, in_f = by_name[name].weight(model)[0].shape
+        return float(out_f * in_f * min(out_f, in_f))
+
+    # Distributed integration point 2 of 2: each matrix is factorized on one rank (balanced by cost)
+    # and broadcast, so every rank installs the same factors ({name: fit(name)} without a group).
+    factors = spread(list(by_name), fit, cost=cost)
+    built: dict[str, nn.Module] = {}
+    for t in targets:
+        if t.name not in factors:
+            continue
+        w, _ = t.weight(model)
+        f = factors[t.name]
         errors[t.name] = {"error": f.error, "data_error": f.data_error}
         lr = LowRankLinear.from_factorization(f, dtype=w.dtype).to(w.device)
         lr.conv1d = t.is_conv1d(model) and t.part is None
         built[t.name] = lr
-        if progress is not None:
-            progress(t.name)
     groups: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         if t.part is None:
