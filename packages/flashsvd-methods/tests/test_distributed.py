@@ -197,11 +197,19 @@ def killed() -> dict[str, torch.Tensor]:
     return compute_methods()
 
 
+def stuck() -> dict[str, torch.Tensor]:
+    """Rank 1 hangs (alive, never joins the all-reduce); rank 0 must give up after the timeout."""
+    if get_rank() == 1:
+        time.sleep(300)
+    return compute_methods()
+
+
 SCENARIOS = {
     "methods": compute_methods,
     "sequential": compute_sequential,
     "union": compute_union,
     "killed": killed,
+    "stuck": stuck,
 }
 
 
@@ -227,24 +235,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, out: Path) -> tuple[list[int], float]:
+def _launch(
+    scenario: str, out: Path, timeout_s: float = TIMEOUT_S, until_rank0: bool = False
+) -> tuple[list[int | None], float]:
+    """Start the ranks, wait for all of them (``until_rank0``: for rank 0 only), kill any still running."""
     port = _free_port()
     procs = []
     t0 = time.monotonic()
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FLASHSVD_DIST_TIMEOUT=str(TIMEOUT_S),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FLASHSVD_DIST_TIMEOUT=str(timeout_s),
                    CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # fmt: skip
         procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env))
-    codes = []
+    waited = procs[:1] if until_rank0 else procs
+    while time.monotonic() < t0 + timeout_s + 60 and any(p.poll() is None for p in waited):
+        time.sleep(0.1)
+    seconds = time.monotonic() - t0
+    codes = [p.poll() for p in procs]
     for p in procs:
-        try:
-            codes.append(p.wait(timeout=TIMEOUT_S + 60))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"scenario {scenario!r} hung past the collective timeout")
-    return codes, time.monotonic() - t0
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return codes, seconds
 
 
 def _ranks(scenario: str, tmp_path: Path) -> list[dict[str, torch.Tensor]]:
@@ -307,6 +319,14 @@ def test_killed_rank_makes_the_other_fail_clearly(tmp_path):
     assert codes[1] == 7
     assert codes[0] != 0
     assert seconds < TIMEOUT_S + 30
+    message = (tmp_path / "error0.txt").read_text()
+    assert "rank 0 of 2" in message and "died or timed out" in message
+
+
+def test_hanging_rank_makes_the_other_fail_after_the_timeout(tmp_path):
+    codes, seconds = _launch("stuck", tmp_path, timeout_s=5.0, until_rank0=True)
+    assert seconds < 5.0 + 30
+    assert codes[0] not in (0, None)  # rank 0 gave up (rank 1 was still asleep and got killed)
     message = (tmp_path / "error0.txt").read_text()
     assert "rank 0 of 2" in message and "died or timed out" in message
 
