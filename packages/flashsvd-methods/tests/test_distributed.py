@@ -171,7 +171,14 @@ def compute_sequential() -> dict[str, torch.Tensor]:
 
 
 def compute_union() -> dict[str, torch.Tensor]:
-    """Ranks hold different layers (one shard never reached layer b): the result is the union."""
+    """Ranks hold different layers (one shard never reached layer b): the result is the union.
+
+    Also: a rank with nothing (``None``), tensors larger than a bucket, a failing factorization on one
+    rank, and ``main_process_first``.
+    """
+    from flashsvd.methods import distributed
+
+    distributed.BUCKET_BYTES = 64  # the 3×3 float64 Gram (72 bytes) takes the one-tensor path
     me = get_rank()
     stats = {"a": LayerStatistics(3)}
     stats["a"].update(torch.full((2, 3), float(me + 1), dtype=torch.float64))
@@ -186,6 +193,22 @@ def compute_union() -> dict[str, torch.Tensor]:
         all_reduce_statistics({"x_mean": torch.ones(2)})
     except DistributedError as err:
         out["mean_refused"] = torch.tensor("mean" in str(err))
+    nothing = all_reduce_statistics(None if me == 0 else {"c": {"n_rows": 3, "total_sum": torch.ones(2)}})
+    out["c.n_rows"], out["c.total_sum"] = torch.tensor(nothing["c"]["n_rows"]), nothing["c"]["total_sum"]
+
+    def fails_on_b(name: str) -> torch.Tensor:
+        if name == "b":
+            raise ValueError("singular statistics")
+        return torch.ones(1)
+
+    try:
+        spread(["a", "b"], fails_on_b)
+    except DistributedError as err:
+        out["spread_failed"] = torch.tensor("'b'" in str(err) and "singular statistics" in str(err))
+    order = []
+    with distributed.main_process_first():
+        order.append(time.monotonic())
+    out["first_done"] = torch.tensor(order, dtype=torch.float64)
     return out
 
 
@@ -303,7 +326,7 @@ def test_sequential_calibration_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
-def test_all_reduce_takes_the_union_and_refuses_means(tmp_path):
+def test_all_reduce_takes_the_union_refuses_means_and_spreads_failures(tmp_path):
     r0, r1 = _ranks("union", tmp_path)
     for r in (r0, r1):
         assert torch.equal(r["a.gram"], torch.full((3, 3), 2 * 1.0 + 2 * 4.0, dtype=torch.float64))
@@ -312,6 +335,9 @@ def test_all_reduce_takes_the_union_and_refuses_means(tmp_path):
         assert torch.equal(r["b.abs_max"], torch.tensor([1.0, 2.0], dtype=torch.float64))
         assert torch.equal(r["b.gram"], torch.tensor([[1.0, -2.0], [-2.0, 4.0]], dtype=torch.float64))
         assert bool(r["mean_refused"])
+        assert int(r["c.n_rows"]) == 3 and torch.equal(r["c.total_sum"], torch.ones(2))
+        assert bool(r["spread_failed"])  # both ranks raise, naming the matrix and the cause
+    assert float(r0["first_done"]) <= float(r1["first_done"])  # rank 0 ran the body first
 
 
 def test_killed_rank_makes_the_other_fail_clearly(tmp_path):

@@ -177,6 +177,7 @@ def _weight_grad_of(module: nn.Module) -> torch.Tensor | None:
 def _factor_targets(model, targets, ranks, method, stats, options, errors, progress) -> None:
     """Factorize ``targets`` (reading the dense weights) and install the low-rank modules."""
     by_name = {t.name: t for t in targets if ranks.get(t.name) is not None}
+    local: set[str] = set()
 
     def fit(name: str):
         t = by_name[name]
@@ -184,6 +185,7 @@ def _factor_targets(model, targets, ranks, method, stats, options, errors, progr
         st = stats.get(t.source) if stats else None
         f = factorize(w.detach().float(), int(ranks[name]), method, stats=st, bias=None if b is None else b.detach().float(),
                       n_heads=t.n_heads, **options)  # fmt: skip
+        local.add(name)
         if progress is not None:
             progress(name)
         return f.to(dtype=w.dtype)  # the installed dtype: half the memory and broadcast bytes of fp32
@@ -195,6 +197,8 @@ def _factor_targets(model, targets, ranks, method, stats, options, errors, progr
     # Distributed integration point 2 of 2: each matrix is factorized on one rank (balanced by cost)
     # and broadcast, so every rank installs the same factors ({name: fit(name)} without a group).
     factors = spread(list(by_name), fit, cost=cost)
+    for name in [n for n in factors if n not in local] if progress is not None else []:
+        progress(name)  # factorized on another rank: keeps the bar's total right
     built: dict[str, nn.Module] = {}
     for t in targets:
         if t.name not in factors:
