@@ -9,6 +9,7 @@ same code in the test process, where every distributed call is the identity.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -170,6 +171,14 @@ def compute_sequential() -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclasses.dataclass
+class Projected:
+    """A statistic in a basis every rank shares (declared ``reduce="same"``) plus a sum."""
+
+    basis: torch.Tensor = dataclasses.field(metadata={"reduce": "same"})
+    energy: torch.Tensor | None = None
+
+
 def compute_union() -> dict[str, torch.Tensor]:
     """Ranks hold different layers (one shard never reached layer b): the result is the union.
 
@@ -205,6 +214,13 @@ def compute_union() -> dict[str, torch.Tensor]:
         spread(["a", "b"], fails_on_b)
     except DistributedError as err:
         out["spread_failed"] = torch.tensor("'b'" in str(err) and "singular statistics" in str(err))
+    same = all_reduce_statistics(Projected(torch.eye(2), torch.ones(2) * (me + 1)))
+    out["same.basis"], out["same.energy"] = same.basis, same.energy
+    try:
+        all_reduce_statistics(Projected(torch.eye(2) * (me + 1)))
+    except DistributedError as err:
+        out["same_refused"] = torch.tensor("differs between ranks" in str(err))
+    out["traffic"] = torch.tensor(distributed.Traffic.reduced_bytes)
     order = []
     with distributed.main_process_first():
         order.append(time.monotonic())
@@ -337,6 +353,11 @@ def test_all_reduce_takes_the_union_refuses_means_and_spreads_failures(tmp_path)
         assert bool(r["mean_refused"])
         assert int(r["c.n_rows"]) == 3 and torch.equal(r["c.total_sum"], torch.ones(2))
         assert bool(r["spread_failed"])  # both ranks raise, naming the matrix and the cause
+        assert torch.equal(r["same.basis"], torch.eye(2)) and torch.equal(
+            r["same.energy"], torch.full((2,), 3.0)
+        )
+        assert bool(r["same_refused"])
+        assert int(r["traffic"]) > 0
     assert float(r0["first_done"]) <= float(r1["first_done"])  # rank 0 ran the body first
 
 

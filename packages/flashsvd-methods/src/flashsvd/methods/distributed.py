@@ -273,6 +273,8 @@ def _merge(parts: list[Any], where: str) -> Any:
         for p in present:
             if not isinstance(p, _Spec) or (p.shape, p.dtype, p.op) != (first.shape, first.dtype, first.op):
                 raise DistributedError(f"ranks disagree about statistic {where}: {first} vs {p}.")
+        if first.op == SAME and len(present) < len(parts):
+            raise DistributedError(f"statistic {where} is declared reduce='same' but some ranks lack it.")
         return first
     if isinstance(first, _Num):
         if any(not isinstance(p, _Num) or p.op != first.op for p in present):
@@ -374,39 +376,51 @@ class Traffic:
 
 
 def _reduce_tensors(leaves: list[tuple[torch.Tensor, str]], what: str) -> None:
-    """All-reduce ``leaves`` in place: small ones flattened into buckets, large ones one call each."""
-    device = _comm_device()
+    """All-reduce ``leaves`` in place, by dtype and op; ``same`` tensors are checked equal everywhere."""
     groups: dict[tuple[torch.dtype, str], list[torch.Tensor]] = {}
     for t, op in leaves:
         groups.setdefault((t.dtype, op), []).append(t)
     for (_, op), tensors in groups.items():
-        red = getattr(dist.ReduceOp, _REDUCE_OPS[op])
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for t in [*tensors, None]:
-            nbytes = 0 if t is None else t.numel() * t.element_size()
-            if bucket and (t is None or size + nbytes > BUCKET_BYTES):
-                flat = torch.cat([b.reshape(-1).to(device) for b in bucket])
-                with _collective(what):
-                    dist.all_reduce(flat, op=red)
-                Traffic.reduced_bytes += flat.numel() * flat.element_size()
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket, size = [], 0
-            if t is None:
-                break
-            if nbytes > BUCKET_BYTES or not t.is_contiguous():
-                buf = t if t.device == device and t.is_contiguous() else t.to(device).contiguous()
-                with _collective(what):
-                    dist.all_reduce(buf, op=red)
-                Traffic.reduced_bytes += nbytes
-                if buf is not t:
-                    t.copy_(buf)
-            else:
-                bucket.append(t)
-                size += nbytes
+        if op != SAME:
+            _all_reduce_bucketed(tensors, op, what)
+            continue
+        hi, lo = [t.clone() for t in tensors], [t.clone() for t in tensors]
+        _all_reduce_bucketed(hi, MAX, what)
+        _all_reduce_bucketed(lo, MIN, what)
+        if any(not torch.equal(h, m) for h, m in zip(hi, lo)):  # every rank sees the same max/min
+            raise DistributedError(f"{what}: a statistic declared reduce='same' differs between ranks.")
+
+
+def _all_reduce_bucketed(tensors: list[torch.Tensor], op: str, what: str) -> None:
+    """All-reduce in place: small tensors flattened into buckets of ``BUCKET_BYTES``, large ones alone."""
+    device = _comm_device()
+    red = getattr(dist.ReduceOp, _REDUCE_OPS[op])
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in [*tensors, None]:
+        nbytes = 0 if t is None else t.numel() * t.element_size()
+        if bucket and (t is None or size + nbytes > BUCKET_BYTES):
+            flat = torch.cat([b.reshape(-1).to(device) for b in bucket])
+            with _collective(what):
+                dist.all_reduce(flat, op=red)
+            Traffic.reduced_bytes += flat.numel() * flat.element_size()
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+        if t is None:
+            break
+        if nbytes > BUCKET_BYTES or not t.is_contiguous():
+            buf = t if t.device == device and t.is_contiguous() else t.to(device).contiguous()
+            with _collective(what):
+                dist.all_reduce(buf, op=red)
+            Traffic.reduced_bytes += nbytes
+            if buf is not t:
+                t.copy_(buf)
+        else:
+            bucket.append(t)
+            size += nbytes
 
 
 def _gather_objects(obj: Any, what: str) -> list[Any]:
