@@ -221,6 +221,11 @@ def compute_union() -> dict[str, torch.Tensor]:
     except DistributedError as err:
         out["same_refused"] = torch.tensor("differs between ranks" in str(err))
     out["traffic"] = torch.tensor(distributed.Traffic.reduced_bytes)
+    out["from_main"] = torch.tensor(distributed.broadcast_from_main({"rank": me})["rank"])
+    try:
+        spread(["a", "b"] if me == 0 else ["a", "c"], lambda n: n)
+    except DistributedError as err:
+        out["names_refused"] = torch.tensor("different matrices" in str(err))
     order = []
     with distributed.main_process_first():
         order.append(time.monotonic())
@@ -358,6 +363,7 @@ def test_all_reduce_takes_the_union_refuses_means_and_spreads_failures(tmp_path)
         )
         assert bool(r["same_refused"])
         assert int(r["traffic"]) > 0
+        assert int(r["from_main"]) == 0 and bool(r["names_refused"])
     assert float(r0["first_done"]) <= float(r1["first_done"])  # rank 0 ran the body first
 
 

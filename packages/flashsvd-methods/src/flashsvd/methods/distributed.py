@@ -21,6 +21,7 @@ The pieces, in the order the pipeline uses them:
   pipeline makes where it collects statistics.
 * :func:`spread`: factorize different matrices on different ranks (balanced by cost) and broadcast
   the results, so every rank ends with every factor, bitwise identical.
+* :func:`broadcast_from_main`: rank 0's decision (e.g. a rank allocation) on every rank.
 * :func:`is_main_process` / :func:`main_process_first`: only rank 0 writes and shows progress.
 """
 
@@ -167,6 +168,20 @@ def _comm_device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def broadcast_from_main(obj: T, what: str = "broadcast_from_main") -> T:
+    """Rank 0's ``obj`` on every rank (any picklable object, e.g. a rank allocation).
+
+    For decisions that must be identical everywhere but might not be bitwise reproducible on every
+    rank (anything that ran the model on a GPU, e.g. a sensitivity search).
+    """
+    if not is_distributed():
+        return obj
+    box = [obj if is_main_process() else None]
+    with _collective(what):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---- sharding ---------------------------------------------------------------------------------------
@@ -568,6 +583,13 @@ def spread(
     if not is_distributed():
         return {n: fn(n) for n in names}
     world, me = get_world_size(), get_rank()
+    asked = _gather_objects(names, what)
+    if any(a != names for a in asked):
+        raise DistributedError(
+            f"{what}: the ranks asked for different matrices (e.g. rank 0: {asked[0][:3]}…, rank {me}: "
+            f"{names[:3]}…). Everything decided before spread (ranks, targets) must be identical on every "
+            "rank: compute it from all-reduced statistics deterministically, or use broadcast_from_main."
+        )
     owner = assign([1.0 if cost is None else float(cost(n)) for n in names], world)
     mine: dict[str, Any] = {}
     mine_tensors: list[torch.Tensor] = []
