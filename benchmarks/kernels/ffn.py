@@ -101,7 +101,8 @@ def measure_ceilings(torch, do_bench):
     return tflops, tbps
 
 
-def run(args) -> Path:
+def run(args, pts=None) -> Path:
+    """Measure every point (default :func:`points`; ``pts`` overrides) and write ``ffn_<tag>.csv``."""
     import torch
     import torch.nn.functional as F
     import triton
@@ -127,7 +128,7 @@ def run(args) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     common = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "date": stamp}
 
-    for spec, tokens, ranks, dname in points(args.quick, args.all_dtypes):
+    for spec, tokens, ranks, dname in pts if pts is not None else points(args.quick, args.all_dtypes):
         dtype = getattr(torch, dname)
         d, f = spec["d_model"], spec["d_ff"]
         gated, act = spec["gated"], spec["activation"]

@@ -4,7 +4,8 @@
     python benchmarks/quality/quality.py smollm --out benchmarks/results
     python benchmarks/quality/quality.py --plot benchmarks/results/quality_minilm.csv
 
-CPU only. See minilm.py / smollm.py for the exact protocols.
+CPU only. See minilm.py / smollm.py for the exact protocols; every cell is a ``flashsvd.models.compress``
+call with a recipe (``--only`` picks variants by their keys in ``VARIANTS``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def main() -> None:
         default=None,
         help="calibration size (MiniLM: sentences; SmolLM2: 256-token windows)",
     )
-    p.add_argument("--whole-qkv", action="store_true", help="MiniLM: factor Q/K/V whole (diagnostic)")
     p.add_argument("--tag", default="", help="suffix of the CSV name")
     p.add_argument("--plot", type=Path, default=None, help="only plot an existing CSV")
     a = p.parse_args()
@@ -77,20 +77,17 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     csv_path = a.out / f"quality_{a.model}{a.tag}.csv"
     writer = ResultWriter(csv_path)
-    only = set(a.only) if a.only else None
+    only = list(a.only) if a.only else None  # run in the order given
     if a.model == "minilm":
         import minilm
 
         kw = {"n_calib": a.n_calib} if a.n_calib else {}
-        kw["whole_qkv"] = a.whole_qkv
         minilm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.75, 0.5)), only=only, smoke=a.smoke, **kw)
     else:
         import smollm
 
         kw = {"n_calib": a.n_calib} if a.n_calib else {}
-        smollm.run(
-            a.out, writer, ratios=tuple(a.ratios or (0.9, 0.8, 0.75, 0.5)), only=only, smoke=a.smoke, **kw
-        )
+        smollm.run(a.out, writer, ratios=tuple(a.ratios or (0.9, 0.8, 0.5)), only=only, smoke=a.smoke, **kw)
     try:
         log(f"wrote {plot(csv_path)}")
     except ImportError:

@@ -7,39 +7,23 @@ into 32 non-overlapping windows of 512; perplexity = exp(mean next-token NLL ove
 predicted positions). Calibration: SST-2 *train* sentences only, joined with ``"\\n"`` into one token
 stream cut into ``n_calib`` windows of 256 tokens (no padding). Targets: every decoder Linear
 (q/k/v per head — 9 query heads, 3 KV heads, d_head 64 — o, gate, up, down); embeddings/LM head dense.
-Quality is measured with merged weights.
+Every cell is one call of ``flashsvd.models.compress`` with a :class:`~flashsvd.models.Recipe` on a
+fresh copy of the dense model: this script holds no compression logic of its own.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import time
 from pathlib import Path
 
 import torch
-from common import (
-    Snapshot,
-    Target,
-    apply_factorization,
-    capture_block_inputs,
-    log,
-    run_block,
-    save_json,
-    sst2_sentences,
-    wikitext_test_text,
-)
+from common import log, save_json, sst2_sentences, wikitext_test_text
 
-from flashsvd.methods import (
-    allocate_by_curves,
-    ars_select_ranks,
-    calibrate_blockwise,
-    collect_fisher,
-    collect_statistics,
-    layer_spectrum,
-    loss_curve,
-    uniform_keep_ratio,
-)
+import flashsvd.models as fm
+from flashsvd.models.recipe import RECIPES, Recipe
 
 
 def gguf_path() -> Path:
@@ -57,23 +41,6 @@ def load():
     return model, tok
 
 
-def targets_of(model) -> list[Target]:
-    cfg = model.config
-    out = []
-    for i, layer in enumerate(model.model.layers):
-        a, m = layer.self_attn, layer.mlp
-        out += [
-            Target(f"{i}.q", a.q_proj, cfg.num_attention_heads, "attn"),
-            Target(f"{i}.k", a.k_proj, cfg.num_key_value_heads, "attn"),
-            Target(f"{i}.v", a.v_proj, cfg.num_key_value_heads, "attn"),
-            Target(f"{i}.o", a.o_proj, None, "wo"),
-            Target(f"{i}.gate", m.gate_proj, None, "ffn"),
-            Target(f"{i}.up", m.up_proj, None, "ffn"),
-            Target(f"{i}.down", m.down_proj, None, "ffn"),
-        ]
-    return out
-
-
 def windows(ids: torch.Tensor, n: int, length: int) -> list[torch.Tensor]:
     return [ids[i * length : (i + 1) * length][None] for i in range(n)]
 
@@ -88,154 +55,84 @@ def perplexity(model, wins: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
-PRIORITY = ["fisher-alloc", "fisher-alloc+seq+update", "ranks->whiten", "sensitivity", "uniform"]
+def _r(name: str, **kw) -> Recipe:
+    return Recipe(name=name, rank_multiple=1, gradients="lm", gradient_batches=16, **kw)
+
+
+#: table rows → recipes (``rank_multiple=1``: the published rows predate rounding).
+VARIANTS: dict[str, tuple[str, Recipe]] = {
+    "fisher-alloc": ("fisher-alloc", RECIPES["decoder"].with_(rank_multiple=1)),
+    "default": ("default recipe (ranks x8)", RECIPES["decoder"]),
+    "default-x32": ("default recipe (ranks x32)", RECIPES["decoder"].with_(rank_multiple=32)),
+    "svd": ("uniform", _r("svd", method="svd")),
+    "whiten": ("uniform", _r("whiten")),
+    "fisher-alloc-seq": (
+        "fisher-alloc+seq+update",
+        _r("alloc-seq", method="svdllm", allocation="loss_curve", sequential=True, update="v"),
+    ),
+    "fisher-alloc-seq-whiten": (
+        "fisher-alloc+seq(cross)",
+        _r("alloc-seq-w", allocation="loss_curve", sequential=True),
+    ),
+    "fisher-alloc-ofisher": (
+        "fisher-alloc+out-fisher",
+        _r("alloc-of", allocation="loss_curve", output_fisher=True),
+    ),
+    "fisher-alloc-center": ("fisher-alloc+center", _r("alloc-c", allocation="loss_curve", center=True)),
+    "fisher-alloc-ofisher-center": (
+        "fisher-alloc+out-fisher+center",
+        _r("alloc-of-c", allocation="loss_curve", output_fisher=True, center=True),
+    ),
+    "fwsvd": ("uniform", _r("fwsvd", method="fwsvd")),
+    "asvd": ("fisher-alloc", _r("asvd", method="asvd", allocation="loss_curve")),
+    "ars": ("ranks->whiten", _r("ars", allocation="ars")),
+}
 
 
 def run(
     out_dir: Path,
     writer,
-    ratios=(0.9, 0.8, 0.75, 0.5),
-    only: set | None = None,
+    ratios=(0.9, 0.8, 0.5),
+    only: list[str] | None = None,
     smoke: bool = False,
-    n_calib: int = 32,
+    n_calib: int = 128,
 ) -> None:
+    """One row per (variant, keep_ratio): ``flashsvd.models.compress`` on a copy of the dense model."""
     torch.manual_seed(0)
-    model, tok = load()
-    targets = targets_of(model)
-    shapes = [t.shape for t in targets]
-    snap = Snapshot(targets)
+    dense, tok = load()
     ids = tok(wikitext_test_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    n_eval = 2 if smoke else 32
-    evalw = windows(ids, n_eval, 512)
-    n_calib, n_fisher = (4, 2) if smoke else (n_calib, 16)
+    evalw = windows(ids, 2 if smoke else 32, 512)
     stream = tok("\n".join(sst2_sentences(6000)), add_special_tokens=False, return_tensors="pt")["input_ids"][
         0
     ]
-    calib = windows(stream, n_calib, 256)
+    calib = windows(stream, 4 if smoke else n_calib, 256)
     log(f"eval tokens {sum(w.numel() for w in evalw)}, calibration tokens {sum(w.numel() for w in calib)}")
-
-    def want(key):
-        return only is None or key in only
-
-    def cell(method, variant, keep, alloc, value, t0):
-        writer.row(
-            model="SmolLM2-135M-Instruct",
-            metric="wikitext2_ppl",
-            method=method,
-            variant=variant,
-            keep_ratio=keep,
-            kept_fraction=f"{alloc.keep_fraction:.6f}" if alloc else 1.0,
-            kept_params=alloc.kept_params if alloc else "",
-            dense_params=alloc.dense_params if alloc else "",
-            n_dense_layers=sum(1 for r in alloc.ranks.values() if r is None) if alloc else 0,
-            value=f"{value:.4f}",
-            seconds=f"{time.time() - t0:.1f}",
-        )
-        log(
-            f"smollm {method:8s} {variant:26s} keep={keep} kept={alloc.keep_fraction if alloc else 1:.4f} -> {value:.4g}"
-        )
-
     t0 = time.time()
-    cell("dense", "-", 1.0, None, perplexity(model, evalw), t0)
-    mods = {t.name: t.module for t in targets}
-    t0 = time.time()
-    stats = collect_statistics(mods, lambda w: model(input_ids=w), calib)
-    fisher = collect_fisher(
-        mods, lambda w: model(input_ids=w, labels=w).loss, calib[:n_fisher], output_grads=True
-    )
-    for name, st in stats.items():
-        f = fisher[name]
-        st.grad_out_sq, st.n_grad_tokens, st.fisher_in, st.fisher_out = (
-            f.grad_out_sq,
-            f.n_grad_tokens,
-            f.fisher_in,
-            f.fisher_out,
-        )
-    snap.restore()
-    log(f"statistics collected in {time.time() - t0:.0f}s")
-    curves = {t.name: loss_curve(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
-    spectra = {t.name: layer_spectrum(t.module.weight.data, stats[t.name], t.n_heads) for t in targets}
-
-    def sequential(ranks, method, **opts):
-        layers = list(model.model.layers)
-        inputs = capture_block_inputs(layers[0], lambda w: model(input_ids=w), calib)
-        by_block = {}
-        for t in targets:
-            by_block.setdefault(int(t.name.split(".")[0]), []).append(t)
-
-        def group(i, block):
-            a, m = block.self_attn, block.mlp
-            return {
-                f"{i}.q": a.q_proj,
-                f"{i}.k": a.k_proj,
-                f"{i}.v": a.v_proj,
-                f"{i}.o": a.o_proj,
-                f"{i}.gate": m.gate_proj,
-                f"{i}.up": m.up_proj,
-                f"{i}.down": m.down_proj,
-            }
-
-        def compress(i, st):
-            apply_factorization([t for t in by_block[i] if t.name in st], ranks, method, st, **opts)
-
-        calibrate_blockwise(
-            layers, inputs, run_block, group, compress, mode="sequential", paired=True, scales=False
-        )
-
+    value = perplexity(dense, evalw)
+    writer.row(model="SmolLM2-135M-Instruct", metric="wikitext2_ppl", method="dense", variant="-", keep_ratio=1.0,
+               kept_fraction=1.0, n_dense_layers=0, value=f"{value:.4f}", seconds=f"{time.time() - t0:.1f}")  # fmt: skip
+    log(f"smollm dense -> {value:.4g}")
     for keep in ratios:
-        uni = uniform_keep_ratio(shapes, keep)
-        fa = allocate_by_curves(shapes, curves, keep)
-        save_json(out_dir / f"quality_smollm_fisher_ranks_{keep}.json", fa.to_json())
-        plans = []
-        if want("svd"):
-            plans.append(("svd", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "svd")))
-        if want("whiten"):
-            plans.append(
-                ("whiten", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "whiten", stats))
-            )
-        if want("fisher-alloc"):
-            plans.append(
-                (
-                    "whiten",
-                    "fisher-alloc",
-                    fa,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats),
-                )
-            )
-        if want("fisher-alloc-seq"):
-            plans.append(
-                ("svdllm", "fisher-alloc+seq+update", fa, lambda a: sequential(a.ranks, "svdllm", update="v"))
-            )
-        if want("fisher-alloc-seq-whiten"):
-            plans.append(("whiten", "fisher-alloc+seq(cross)", fa, lambda a: sequential(a.ranks, "whiten")))
-        if want("fwsvd"):
-            plans.append(
-                ("fwsvd", "uniform", uni, lambda a: apply_factorization(targets, a.ranks, "fwsvd", stats))
-            )
-        if want("asvd"):
-            plans.append(
-                ("asvd", "fisher-alloc", fa, lambda a: apply_factorization(targets, a.ranks, "asvd", stats))
-            )
-        if want("ars"):
-            ars = ars_select_ranks(shapes, spectra, keep).allocation
-            save_json(out_dir / f"quality_smollm_ars_ranks_{keep}.json", ars.to_json())
-            plans.append(
-                (
-                    "ars",
-                    "ranks->whiten",
-                    ars,
-                    lambda a: apply_factorization(targets, a.ranks, "whiten", stats),
-                )
-            )
-        plans.sort(key=lambda p: PRIORITY.index(p[1]) if p[1] in PRIORITY else len(PRIORITY))
-        for method, variant, alloc, apply in plans:
+        for key in only or VARIANTS:
+            if key not in VARIANTS:
+                raise SystemExit(f"unknown variant {key!r}; known: {', '.join(VARIANTS)}")
+            variant, recipe = VARIANTS[key]
             t0 = time.time()
+            model = copy.deepcopy(dense)
             try:
-                apply(alloc)
+                model, rep = fm.compress(model, recipe=recipe, keep_ratio=keep, calibration=calib)
             except Exception as exc:  # keep the table going; the log says what failed
-                log(f"FAILED {method} {variant} keep={keep}: {exc!r}")
-                snap.restore()
+                log(f"FAILED {key} keep={keep}: {exc!r}")
                 continue
             value = perplexity(model, evalw)
-            snap.restore()
-            cell(method, variant, keep, alloc, value, t0)
+            save_json(
+                out_dir / f"quality_smollm_{key}_ranks_{keep}.json",
+                {"ranks": rep.ranks, "recipe": rep.recipe},
+            )
+            writer.row(
+                model="SmolLM2-135M-Instruct", metric="wikitext2_ppl", method=rep.method, variant=variant,
+                keep_ratio=keep, kept_fraction=f"{rep.kept_fraction:.6f}", kept_params=rep.target_params_after,
+                dense_params=rep.target_params_before, n_dense_layers=len(rep.dense), value=f"{value:.4f}",
+                seconds=f"{time.time() - t0:.1f}",
+            )  # fmt: skip
+            log(f"smollm {key:28s} keep={keep} kept={rep.kept_fraction:.4f} -> {value:.4g}")

@@ -124,8 +124,14 @@ def test_existing_output_is_not_clobbered(cli, tiny_bert, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _clean(cli("compress", "--model", tiny_bert, "--output", out), 2, "already exists", "--overwrite")
+    _clean(cli("compress", "--model", tiny_bert, "--output", out), 2, "did not write")
+    # --overwrite replaces only what flashsvd wrote: a folder of someone's files stays as it is
+    _clean(cli("compress", "--model", tiny_bert, "--output", out, "--overwrite"), 2, "even with --overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    res = cli("compress", "--model", tiny_bert, "--rank", "4", "--output", out, "--overwrite", "--quiet")
+    ours = tmp_path / "ours"
+    assert cli("compress", "--model", tiny_bert, "--rank", "4", "--output", ours, "--quiet").exit_code == 0
+    _clean(cli("compress", "--model", tiny_bert, "--output", ours), 2, "already exists", "--overwrite")
+    res = cli("compress", "--model", tiny_bert, "--rank", "2", "--output", ours, "--overwrite", "--quiet")
     assert res.exit_code == 0, res.output
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert json.loads((ours / "config.json").read_text())["quantization_config"]["method"] == "svd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "ours"]  # no hidden leftovers

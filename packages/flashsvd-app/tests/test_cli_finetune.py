@@ -1,6 +1,7 @@
 """Fine-tune a compressed MiniLM SST-2 classifier for a few steps, then resume it."""
 
 import json
+import shutil
 
 
 def test_finetune_then_resume(cli, fwsvd_ckpt, data_dir, tmp_path):
@@ -30,11 +31,64 @@ def test_finetune_then_resume(cli, fwsvd_ckpt, data_dir, tmp_path):
     assert best["quantization_config"]["method"] == "fwsvd"
 
 
-def test_finetune_refuses_to_clobber_a_run(cli, fwsvd_ckpt, data_dir, tmp_path):
+def _args(ckpt, data_dir, out, *extra):
+    return ["finetune", "-c", ckpt, "--task", "sst2", "--data-dir", data_dir, "--output-dir", out,
+            "--max-train-samples", "16", "--max-eval-samples", "16", "--batch-size", "8", "--max-length", "32",
+            "--device", "cpu", "--quiet", *extra]  # fmt: skip
+
+
+def test_finetune_refuses_to_clobber_a_folder_it_did_not_write(cli, fwsvd_ckpt, data_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    res = cli("finetune", "-c", fwsvd_ckpt, "--task", "sst2", "--data-dir", data_dir, "--output-dir", out,
-              "--max-steps", "1")  # fmt: skip
-    assert res.exit_code == 2
-    assert "--overwrite" in res.stderr
+    for extra in ((), ("--overwrite",), ("--no-resume", "--overwrite")):
+        res = cli(*_args(fwsvd_ckpt, data_dir, out, "--max-steps", "1", *extra))
+        assert res.exit_code == 2, res.output
+        assert "did not write" in res.stderr
+        assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_other_hyper_parameters_is_refused(cli, fwsvd_ckpt, data_dir, tmp_path):
+    out = tmp_path / "run"
+    res = cli(*_args(fwsvd_ckpt, data_dir, out, "--max-steps", "1", "--learning-rate", "1e-4"))
+    assert res.exit_code == 0, res.output
+    before = (out / "checkpoint-1" / "trainer_state.json").read_text()
+    res = cli(
+        *_args(fwsvd_ckpt, data_dir, out, "--max-steps", "2", "--learning-rate", "2e-4", "--batch-size", "4")
+    )
+    assert res.exit_code == 2, res.output
+    assert (
+        "--learning-rate was 0.0001, now 0.0002" in res.stderr and "--batch-size was 8, now 4" in res.stderr
+    )
+    assert "--no-resume --overwrite" in res.stderr
+    assert (out / "checkpoint-1" / "trainer_state.json").read_text() == before
+    assert not (out / "checkpoint-2").exists()
+
+
+def test_run_killed_before_its_first_checkpoint_starts_over_by_itself(cli, fwsvd_ckpt, data_dir, tmp_path):
+    out = tmp_path / "run"
+    res = cli(*_args(fwsvd_ckpt, data_dir, out, "--max-steps", "1"))
+    assert res.exit_code == 0, res.output
+    # what a kill between best/ and checkpoint-1 leaves: a run folder without a complete checkpoint
+    for p in out.glob("checkpoint-*"):
+        shutil.rmtree(p)
+    (out / "training_state.json").unlink()
+    (out / ".checkpoint-1.partial-999999999-x").mkdir()  # a dead process's partial save
+    res = cli(*_args(fwsvd_ckpt, data_dir, out, "--max-steps", "1"))
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (
+        out / "best" / "config.json"
+    ).is_file()
+    assert not list(out.glob(".*partial*"))
+
+
+def test_interrupt_before_the_first_checkpoint_says_so(cli, fwsvd_ckpt, data_dir, tmp_path, monkeypatch):
+    from flashsvd.app import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    res = cli(*_args(fwsvd_ckpt, data_dir, tmp_path / "run", "--max-steps", "1"))
+    assert res.exit_code == 130
+    assert "before the first checkpoint" in res.stderr and "kept" not in res.stderr

@@ -57,6 +57,24 @@ def test_checkpoints_tab_lists_and_reports(client, workspace):
     assert any(Path(f).name == "config.json" for f in files)
 
 
+def test_checkpoint_names_cannot_replace_the_folder_or_a_checkpoint(client, workspace):
+    models = workspace / "compressed_models"
+    before = sorted(p.name for p in models.iterdir())
+    stamp = (models / "ui-svd" / "config.json").stat().st_mtime_ns
+    for name in (".", "..", "../x", "a/b"):
+        with pytest.raises(Exception, match="not a plain folder name"):
+            client.predict("default", "svd", 0.5, "", 8, name, api_name="/compress")
+    with pytest.raises(Exception, match="already exists"):
+        client.predict("default", "svd", 0.5, "", 8, "ui-svd", api_name="/compress")
+    assert sorted(p.name for p in models.iterdir()) == before
+    assert (models / "ui-svd" / "config.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in workspace.iterdir()) == ["compressed_models"]
+
+
+def test_the_app_reports_analytics_off(client):
+    assert client.config["analytics_enabled"] is False
+
+
 def test_evaluate_fills_the_results_table(client, workspace):
     folder = str(workspace / "compressed_models" / "ui-svd")
     _log, table = client.predict([DENSE_DEFAULT, folder], "stsb", "torch", 40, api_name="/evaluate")

@@ -343,3 +343,60 @@ def test_gpu_llama_sizes(dtype, activation, ranks, poison):
     x = _x(1000, 4096, dtype)
     ref = lowrank_gated_ffn_reference(x.cpu().double(), _f64(f), activation)
     assert rel_err(lowrank_gated_ffn(x, f, activation), ref) <= TOL[dtype]
+
+
+# ---- per-shape policy (fused kernel vs cuBLAS chain) ------------------------------------------------
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_chain_and_chunked_chain_match_reference(gated, chunks):
+    from flashsvd.kernels import ffn as ffn_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 24, dtype=torch.float64)
+    if gated:
+        f = GatedFFNFactors(*[torch.randn(*s, dtype=torch.float64) * 0.3 for s in
+                              [(24, 5), (5, 40), (40,), (24, 6), (6, 40), (40,), (40, 7), (7, 24), (24,)]])  # fmt: skip
+        ref = lowrank_gated_ffn_reference(x, f, "geglu")
+        tensors, act = tuple(vars(f).values()), "gelu"
+    else:
+        f = FFNFactors(*[torch.randn(*s, dtype=torch.float64) * 0.3 for s in
+                         [(24, 5), (5, 40), (40,), (40, 7), (7, 24), (24,)]])  # fmt: skip
+        ref = lowrank_ffn_reference(x, f, "gelu_tanh")
+        tensors, act = tuple(vars(f).values()), "gelu_tanh"
+    out = ffn_mod._chain_forward(x, tensors, act, gated, chunks)
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_policy_choices_and_cache():
+    from flashsvd.kernels import ffn_policy as fp
+
+    fp.clear_cache()
+    # A decode-sized call is small enough for every candidate; a large one excludes the plain chain.
+    assert fp.allowed("balanced", 1, 11008, 2, True) == fp.CANDIDATES
+    assert fp.allowed("balanced", 8192, 3072, 2, False) == ("fused", "chunked")
+    assert fp.allowed("leanest", 8192, 3072, 2, False) == ("fused",)
+    assert fp.default_choice("fastest", 8192, 3072, 2, False) == "chain"
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        if name == "chunked":
+            import time
+
+            time.sleep(0.002)
+
+    x = torch.zeros(4, 4)
+    first = fp.choose(("k",), "fastest", run, 8192, 3072, x, False)
+    assert first in ("fused", "chain") and set(calls) == set(fp.CANDIDATES)
+    calls.clear()
+    assert fp.choose(("k",), "fastest", run, 8192, 3072, x, False) == first and not calls  # cached
+    with pytest.raises(ValueError, match="unknown FFN policy"):
+        fp.choose(("k",), "quick", run, 1, 1, x, False)
+    fp.clear_cache()
+
+
+def test_unknown_policy_is_a_clear_error():
+    x = torch.randn(3, 8)
+    f = FFNFactors(torch.randn(8, 2), torch.randn(2, 16), None, torch.randn(16, 2), torch.randn(2, 8), None)
+    with pytest.raises(ValueError, match="unknown FFN policy"):
+        lowrank_ffn(x, f, policy="fast")

@@ -186,3 +186,33 @@ def test_unknown_architecture_and_bad_backend(tiny):
     model, _ = fm.compress(tiny("bert"), keep_ratio=0.5)
     with pytest.raises(ValueError, match="unknown backend"):
         fm.set_backend(model, "fast")
+
+
+@pytest.mark.parametrize("backend", ["torch", "flash"])
+def test_static_cache_greedy_matches_generate(tiny, make_inputs, backend):
+    """Greedy decoding over a StaticCache (the graph-ready path) gives generate()'s tokens; on the
+    flash backend the static cache layers become preallocated rank-space layers."""
+    model, _ = fm.compress(tiny("llama"), keep_ratio=0.6)
+    ids, _ = make_inputs("llama", seq=6)
+    with torch.no_grad():
+        ref = model.generate(ids, do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+    fm.set_backend(model, backend)
+    got = fm.generate_greedy(model, ids, max_new_tokens=5, graph=False)
+    assert torch.equal(got, ref)
+
+
+def test_rank_space_layer_grows_and_crops():
+    from flashsvd.models.cache import RankSpaceCacheLayer
+
+    layer = RankSpaceCacheLayer()
+    pk, pv = torch.randn(2, 200, 3, 4), torch.randn(2, 200, 3, 5)
+    layer.update(pk, pv)
+    keys, _ = layer.update(pk[:, :100], pv[:, :100])  # past the first capacity (256): doubles
+    assert keys.shape == (2, 300, 3, 4) and torch.equal(keys[:, 200:], pk[:, :100])
+    assert torch.equal(layer.positions[0], torch.arange(300))
+    layer.crop(-50)
+    assert layer.get_seq_length() == 250 and layer.values.shape == (2, 250, 3, 5)
+    static = RankSpaceCacheLayer(max_cache_len=8)
+    static.update(pk[:, :6], pv[:, :6])
+    with pytest.raises(ValueError, match="static cache full"):
+        static.update(pk[:, :3], pv[:, :3])

@@ -54,7 +54,9 @@ def test_two_ranks_give_the_model_of_one_process(case, tmp_path):
     for key, want in ref.items():
         assert torch.equal(r0[key], r1[key]), key  # every rank installed the same factors
         if want.is_floating_point():
-            tol = 1e-8 * float(want.abs().max().clamp_min(1e-300))
+            # the pipeline factorizes float32 copies of the weights (float64 inside) and stores float32
+            # factors: float32 ulps, which sequential calibration carries into the next block's inputs
+            tol = 1e-5 * float(want.abs().max().clamp_min(1e-300))
             assert torch.allclose(r0[key], want, rtol=0, atol=tol), (key, float((r0[key] - want).abs().max()))
         else:
             assert torch.equal(r0[key], want), key

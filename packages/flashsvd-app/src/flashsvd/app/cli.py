@@ -13,6 +13,7 @@ from flashsvd.app.commands import bench as bench_cmd
 from flashsvd.app.commands import compress as compress_cmd
 from flashsvd.app.commands import demo as demo_cmd
 from flashsvd.app.commands import evaluate as eval_cmd
+from flashsvd.app.commands import export as export_cmd
 from flashsvd.app.commands import finetune as finetune_cmd
 from flashsvd.app.commands import info as info_cmd
 from flashsvd.app.commands import ui as ui_cmd
@@ -51,6 +52,7 @@ for _name, _mod, _func in (
     ("eval", eval_cmd, eval_cmd.evaluate),
     ("finetune", finetune_cmd, finetune_cmd.finetune),
     ("info", info_cmd, info_cmd.info),
+    ("export", export_cmd, export_cmd.export),
     ("bench", bench_cmd, bench_cmd.bench),
     ("demo", demo_cmd, demo_cmd.demo),
     ("ui", ui_cmd, ui_cmd.ui),
@@ -58,6 +60,21 @@ for _name, _mod, _func in (
     app.command(_name, help=_mod.HELP)(_func)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m flashsvd.app`` and ``python -m flashsvd.app.cli``).
+
+    SIGTERM (the UI's Cancel, ``kill``) is handled like Ctrl-C, so a stopped command removes its
+    temporary output instead of leaving a hidden partial folder behind.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    app(prog_name="flashsvd")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,10 +15,11 @@ from typing import Any
 from flashsvd.app.console import Console
 from flashsvd.app.errors import AppError
 from flashsvd.app.modelio import ModelSource
-from flashsvd.app.tasks.data import DEFAULT_DATA_DIR, Columns, calibration_texts, load_examples
+from flashsvd.app.outputs import REPORT_FILE
+from flashsvd.app.tasks.data import DEFAULT_DATA_DIR, Columns, calibration_texts, load_examples, read_text
 from flashsvd.app.tasks.registry import get_task
 
-REPORT_FILE = "flashsvd_report.json"
+__all__ = ["REPORT_FILE", "RankChoice", "calibration_text", "compress_model", "save_checkpoint"]
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RankChoice:
             return {"rank": self.rank}
         if self.ranks_json is not None:
             try:
-                ranks = json.loads(Path(self.ranks_json).read_text())
+                ranks = json.loads(read_text(Path(self.ranks_json), "--ranks-json"))
             except json.JSONDecodeError as err:
                 raise AppError(f"--ranks-json {self.ranks_json} is not valid JSON ({err.msg})") from err
             ranks = ranks.get("ranks", ranks) if isinstance(ranks, dict) else ranks
@@ -86,11 +87,18 @@ def default_output(model_name: str, method: str, ranks: RankChoice) -> Path:
     return Path("compressed_models") / f"{safe}_{method}_{ranks.tag()}"
 
 
-def calibration_text(task: str | None, calib_data: Path | None, n: int, data_dir: Path | None, seed: int = 0):
+def calibration_text(task: str | None, calib_data: Path | None, n: int, data_dir: Path | None, seed: int = 0,
+                     text_column: str | None = None):  # fmt: skip
     """``(texts, pairs or None, labels or None, source)`` for calibration."""
     if calib_data is not None:
-        texts = calibration_texts(calib_data, n)
-        return texts, None, None, str(calib_data)
+        # all of them: compress_model takes the recipe's seeded sample
+        texts, columns = calibration_texts(calib_data, None, text_column)
+        return (
+            texts,
+            None,
+            None,
+            f"{calib_data} (column {', '.join(columns)})" if columns else str(calib_data),
+        )
     spec = None
     if task is not None:
         spec = get_task(task)
@@ -143,57 +151,112 @@ def save_checkpoint(model: Any, tokenizer: Any, report: dict[str, Any], folder: 
     write_json_atomic(Path(folder) / REPORT_FILE, report)
 
 
+def load_recipe_option(value: str) -> Any:
+    """``--recipe``: a built-in name or a JSON/YAML file, as a :class:`flashsvd.models.Recipe`."""
+    from flashsvd.models.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(value)
+    except RecipeError as err:
+        raise AppError(
+            f"--recipe: {err}", hint="see `flashsvd compress --help` for the recipe fields."
+        ) from err
+
+
+def pick_texts(texts: list[str], n: int, min_words: int, seed: int) -> list[str]:
+    """A seeded sample of ``n`` texts of at least ``min_words`` words (all of them when fewer)."""
+    import random
+
+    kept = [t for t in texts if len(t.split()) >= min_words] or list(texts)
+    return random.Random(seed).sample(kept, n) if len(kept) > n else kept
+
+
+def window_batches(tokenizer: Any, texts: list[str], n: int, window: int, seed: int) -> list[Any]:
+    """``n`` windows of ``window`` tokens cut from the texts joined by newlines (no padding, no specials)."""
+    import random
+
+    import torch
+
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    for start in range(0, len(order), 512):
+        ids += tokenizer("\n".join(order[start : start + 512]) + "\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= n * window:
+            break
+    got = len(ids) // window
+    if got == 0:
+        raise AppError(f"calibration text holds {len(ids)} tokens, less than one window of {window}")
+    return [torch.tensor(ids[i * window : (i + 1) * window])[None] for i in range(min(n, got))]
+
+
 def compress_model(
     model: Any,
     tokenizer: Any,
-    method: str,
+    method: str | None,
     ranks: RankChoice,
     console: Console,
     *,
     task: str | None = None,
     calib_data: Path | None = None,
-    calib_samples: int = 128,
-    calib_batch_size: int = 16,
-    calib_max_length: int = 128,
+    calib_text_column: str | None = None,
+    calib_samples: int | None = None,
+    calib_batch_size: int | None = None,
+    calib_max_length: int | None = None,
     data_dir: Path | None = None,
-    sequential: bool = False,
+    sequential: bool | None = None,
     backend: str = "torch",
     seed: int = 0,
     texts: list[str] | None = None,
+    recipe: Any = None,
 ) -> tuple[Any, Any]:
-    """Calibrate (if the method is data-aware) and compress ``model`` in place; return ``(model, report)``.
+    """Calibrate (if the recipe is data-aware) and compress ``model`` in place; return ``(model, report)``.
 
-    Calibration text: ``texts`` when given, else ``--calib-data``, else the task's train split, else SST-2
-    sentences from the shared data folder.
+    The recipe is ``recipe``, else ``method`` with uniform ranks, else the model family's default
+    (``flashsvd.models.resolve_recipe``); calibration sizes not given come from the recipe. Calibration
+    text: ``texts`` when given, else ``--calib-data`` (a seeded sample), else the task's train split,
+    else SST-2 sentences from the shared data folder.
     """
     from flashsvd.methods import get_method
     from flashsvd.models import compress
     from flashsvd.models.adapters import get_adapter
+    from flashsvd.models.compress import resolve_recipe
 
-    spec = get_method(method)
+    rec, _ = resolve_recipe(model, recipe, method, sequential=sequential)
+    n = calib_samples or rec.calib_samples
     batches = None
-    if spec.data_aware:
+    if rec.data_aware:
         if texts is not None:
             pairs, labels, source = None, None, "the caller"
         else:
-            texts, pairs, labels, source = calibration_text(task, calib_data, calib_samples, data_dir, seed)
+            texts, pairs, labels, source = calibration_text(
+                task, calib_data, n, data_dir, seed, calib_text_column
+            )
+            if calib_data is not None:
+                texts = pick_texts(
+                    texts, n if rec.calib_window is None else len(texts), rec.calib_min_words, seed
+                )
         loss = None
-        if "fisher_in" in spec.requires:
+        if "fisher_in" in get_method(rec.method).requires:
             loss = "lm" if _is_causal(model) else "labels"
             if loss == "labels" and (labels is None or not _has_head(model)):
                 raise AppError(
-                    f"method {method} weights by the task loss, which needs labelled data and a task head",
+                    f"method {rec.method} weights by the task loss, which needs labelled data and a task head",
                     hint="pass --task T (GLUE) so the model gets a classification head, or use whiten/svdllm/asvd.",
                 )
-        batches = calibration_batches(
-            tokenizer, texts, pairs, labels, calib_batch_size, calib_max_length, loss
-        )
-        console.info(f"calibration: {len(texts)} texts from {source} in {len(batches)} batches")
+        if rec.calib_window is not None and pairs is None:
+            batches = window_batches(tokenizer, texts, n, rec.calib_window, seed)
+            console.info(f"calibration: {len(batches)} windows of {rec.calib_window} tokens from {source}")
+        else:
+            batches = calibration_batches(tokenizer, texts, pairs, labels, calib_batch_size or rec.calib_batch_size,
+                                          calib_max_length or rec.calib_max_length, loss)  # fmt: skip
+            console.info(f"calibration: {len(texts)} texts from {source} in {len(batches)} batches")
+    console.info(f"recipe {rec.describe()}")
     n_targets = len(get_adapter(model).targets(model))
-    bar = console.bar(n_targets, f"compress ({method})", unit="matrix")
+    bar = console.bar(n_targets, f"compress ({rec.name})", unit="matrix")
     try:
         model, report = compress(
-            model, method=method, calibration=batches, sequential=sequential, backend=backend,
+            model, recipe=rec, calibration=batches, backend=backend,
             progress=lambda name: bar.update(1), **ranks.compress_kwargs(model),
         )  # fmt: skip
     finally:

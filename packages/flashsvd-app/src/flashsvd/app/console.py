@@ -37,6 +37,10 @@ class Console:
         if self.chatty:
             typer.echo(message, err=True)
 
+    def warn(self, message: str) -> None:
+        """Something the user must see even with ``--quiet``/``--json`` (on stderr, so JSON stays clean)."""
+        typer.echo(message, err=True)
+
     def progress(
         self, items: Iterable[T], desc: str, total: int | None = None, unit: str = "it"
     ) -> Iterator[T]:

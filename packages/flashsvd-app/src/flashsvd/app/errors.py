@@ -61,6 +61,12 @@ def describe(err: BaseException) -> tuple[str, int]:
             "or --device cpu.",
             EXIT_OOM,
         )
+    if isinstance(err, UnicodeDecodeError):  # readers name the file; this is the fallback
+        return (
+            f"a file is not UTF-8 text ({err.reason} at byte {err.start})\n"
+            "  hint: run again with --debug to see which file is read; convert it with `iconv -t UTF-8`.",
+            EXIT_USAGE,
+        )
     if isinstance(err, FileNotFoundError):
         return f"file not found: {err.filename or err}", EXIT_USAGE
     if isinstance(err, (ValueError, TypeError)):

@@ -50,6 +50,15 @@ def load_data(
     return load_examples(spec, split, data_file, data_dir, columns, fallback).subset(max_samples, seed)
 
 
+def fallback_note(data: Any, split: str) -> str | None:
+    """The on-screen note when ``data`` comes from another split than the one asked for."""
+    used = getattr(data, "fallback_split", None)
+    if used is None:
+        return None
+    return (f"note: no {split} file for this task, so the {used} split is scored ({data.source}); "
+            f"the figure is not comparable with published {split} results")  # fmt: skip
+
+
 def score(
     model: Any,
     tokenizer: Any,

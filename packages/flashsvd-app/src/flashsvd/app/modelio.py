@@ -46,11 +46,16 @@ def packaged_smollm2() -> Path:
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise AppError(f"{folder} has no config.json: not a Hugging Face model folder") from err
     except json.JSONDecodeError as err:
-        raise AppError(f"{path} is not valid JSON ({err.msg})") from err
+        raise AppError(f"{path} is not valid JSON ({err.msg}); the folder is damaged or incomplete") from err
+    except UnicodeDecodeError:
+        raise AppError(f"{path} is not UTF-8 text; the folder is damaged") from None
+    if not isinstance(config, dict):
+        raise AppError(f"{path} does not hold a JSON object; the folder is damaged")
+    return config
 
 
 def flashsvd_block(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -90,12 +95,62 @@ def resolve(model: str | None) -> ModelSource:
         raise AppError(f"model path {name!r} does not exist", hint="check the path, or use --model default.")
     from flashsvd.app.tasks.data import offline
 
+    cached = cached_snapshot(name)
+    if cached is not None:  # downloaded before: load the local copy, no network round trips
+        return ModelSource("hf", str(cached), name.rsplit("/", 1)[-1])
+    hint = "pass a local folder, a .gguf file, `default` (packaged MiniLM) or `smollm2`."
     if offline():
         raise AppError(
             f"unknown model {name!r}: not a local folder, and running offline so the Hub cannot be asked",
-            hint="pass a local folder, a .gguf file, `default` (packaged MiniLM) or `smollm2`.",
+            hint=hint,
+        )
+    host = hub_unreachable()
+    if host is not None:
+        raise AppError(
+            f"unknown model {name!r}: not a local folder, and the Hugging Face Hub ({host}) cannot be reached",
+            hint=hint + " Set HF_HUB_OFFLINE=1 on machines without network access.",
         )
     return ModelSource("hf", name, name.rsplit("/", 1)[-1])
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of a Hub model already in the local Hugging Face cache (None if it is not there)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an ID the hub library rejects is simply not cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """The Hub's host name if it cannot be reached within ``timeout`` seconds, else None.
+
+    Asked once, before ``from_pretrained`` would spend half a minute on retries: without network a
+    Hub ID fails at once with a message, instead of after a long wait.
+    """
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)  # name resolution ignores socket timeouts
+    worker.start()
+    worker.join(timeout)
+    return None if reached else host
 
 
 def _auto_class(head: str, config: dict[str, Any] | None):
@@ -113,6 +168,18 @@ def _auto_class(head: str, config: dict[str, Any] | None):
         "classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
     }.get(head, transformers.AutoModel)
+
+
+def saved_dtype(source: ModelSource) -> str | None:
+    """The dtype the model's config declares (``dtype``, formerly ``torch_dtype``), if a local folder has one."""
+    if source.kind == "gguf" or not source.path.is_dir():
+        return None
+    try:
+        config = read_config(source.path)
+    except AppError:  # a folder without a readable config declares no dtype; loading it says why
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def model_head(source: ModelSource) -> str:
@@ -163,7 +230,7 @@ def load(
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
-        model = cls.from_pretrained(source.location, **kwargs)
+        model, info = cls.from_pretrained(source.location, output_loading_info=True, **kwargs)
     except OSError as err:
         raise AppError(
             f"cannot load model {source.location!r}: {str(err).splitlines()[0]}",
@@ -176,7 +243,25 @@ def load(
                 hint="the checkpoint's classifier has a different number of labels than the task.",
             ) from err
         raise
+    _refuse_missing_weights(model, info, source)
     return model
+
+
+def _refuse_missing_weights(model: Any, info: dict[str, Any], source: ModelSource) -> None:
+    """A dense model must not run with randomly initialised layers (a task head new to it is fine).
+
+    transformers only warns about missing tensors; a folder whose weights do not match its config (an
+    edited or half-copied checkpoint) would otherwise be scored as if it were the model.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_base = bool(prefix) and prefix in dict(model.named_children())
+    missing = [k for k in info.get("missing_keys") or () if not has_base or k.startswith(prefix + ".")]
+    if missing:
+        raise AppError(
+            f"{source.location}: the weights file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}",
+            hint="the folder is incomplete or its config.json does not belong to its weights; "
+            "for a flashsvd checkpoint, keep its quantization_config block.",
+        )
 
 
 def load_tokenizer(source: ModelSource, fallback: ModelSource | None = None) -> Any:

@@ -59,7 +59,11 @@ Device = Annotated[
     str, typer.Option("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
 ]
 DType = Annotated[
-    str, typer.Option("--dtype", help="auto (float32 on CPU, float16 on CUDA), float32, float16 or bfloat16.")
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (float32 on CPU; on CUDA the model's own bfloat16, else float16), float32, float16 or bfloat16.",
+    ),
 ]
 Backend = Annotated[
     str, typer.Option("--backend", help="flash (fused FlashSVD kernels) or torch (plain low-rank matmuls).")

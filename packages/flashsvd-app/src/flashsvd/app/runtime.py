@@ -37,13 +37,17 @@ def resolve_device(device: str | None) -> Any:
     return dev
 
 
-def resolve_dtype(dtype: str | None, device: Any) -> Any:
-    """``auto`` → float32 on CPU, float16 on CUDA; otherwise one of float32/float16/bfloat16."""
+def resolve_dtype(dtype: str | None, device: Any, model_dtype: str | None = None) -> Any:
+    """``auto`` → float32 on CPU; on CUDA the model's own half dtype (``model_dtype``, the config's
+    ``dtype``: bfloat16 for LLaMA-family models, whose activations overflow float16), else float16.
+    Otherwise one of float32/float16/bfloat16."""
     import torch
 
     name = (dtype or "auto").lower()
     if name == "auto":
-        return torch.float16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
+        if getattr(device, "type", "cpu") != "cuda":
+            return torch.float32
+        return torch.bfloat16 if str(model_dtype).removeprefix("torch.") == "bfloat16" else torch.float16
     if name not in DTYPES:
         raise AppError(f"unknown dtype {dtype!r}", hint="use auto, float32, float16 or bfloat16.")
     return getattr(torch, DTYPES[name])

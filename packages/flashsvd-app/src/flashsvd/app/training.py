@@ -150,6 +150,53 @@ def _write_folder(folder: Path, fill) -> None:
         fill(tmp)
 
 
+#: what ``train`` writes into its output folder (a folder holding anything else is not a run of ours)
+RUN_ENTRIES = ("best", "runs", STATE_FILE, "results.json")
+#: hyper-parameters a resumed run must share with the run it continues (the rest may change: a rerun
+#: with a larger --max-steps or --epochs extends the run)
+RESUME_MUST_MATCH = {
+    "learning_rate": "--learning-rate", "batch_size": "--batch-size", "warmup_ratio": "--warmup-ratio",
+    "weight_decay": "--weight-decay", "max_length": "--max-length", "train_all": "--train-all",
+    "seed": "--seed", "grad_clip": "grad_clip",
+}  # fmt: skip
+
+
+def is_run_folder(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds only what a fine-tune run writes (leftovers of killed saves aside)."""
+    from flashsvd.app.outputs import is_leftover
+
+    return all(
+        p.name in RUN_ENTRIES or p.name.startswith("checkpoint-") or is_leftover(p)
+        for p in Path(output_dir).iterdir()
+    )
+
+
+def check_resume_config(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume ``checkpoint`` with other hyper-parameters than it was trained with.
+
+    Continuing with a new learning rate or batch size would train with the new values while the run's
+    records kept the old ones; the user must either repeat the old values or start over.
+    """
+    try:
+        saved = (
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("config") or {}
+        )
+    except (OSError, ValueError) as err:
+        raise AppError(f"{checkpoint}/trainer_state.json cannot be read ({err}); the checkpoint is damaged",
+                       hint="pass --no-resume --overwrite to start over.") from None  # fmt: skip
+    now = asdict(cfg)
+    diff = [
+        (flag, saved[k], now[k]) for k, flag in RESUME_MUST_MATCH.items() if k in saved and saved[k] != now[k]
+    ]
+    if diff:
+        told = "; ".join(f"{flag} was {old}, now {new}" for flag, old, new in diff)
+        raise AppError(
+            f"cannot resume {checkpoint} with other hyper-parameters ({told})",
+            hint="repeat the run's values to continue it, or pass --no-resume --overwrite (or another "
+            "--output-dir) to start a new run with the new ones.",
+        )
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     state = output_dir / STATE_FILE
     if not state.is_file():

@@ -302,6 +302,34 @@ def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> t
     return out
 
 
+@torch.library.custom_op("flashsvd::attention_prefill", mutates_args=())
+def _prefill_op(
+    pq: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, vq: torch.Tensor, vk: torch.Tensor, vv: torch.Tensor,
+    bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, mask: torch.Tensor | None,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None,
+    causal: bool, q_offset: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The Triton launch as a ``torch.library`` op, so ``torch.compile`` traces through it (opaque)."""
+    rope = (cos, sin) if cos is not None else None
+    return _launch_prefill(
+        pq, pk, pv, vq, vk, vv, bq, bk, bv, _Opts(mask, causal, rope, q_pos, k_pos, q_offset, scale)
+    )
+
+
+@_prefill_op.register_fake
+def _(pq, pk, pv, vq, *args, **kwargs):
+    return pq.new_empty(*pq.shape[:3], vq.shape[2])
+
+
+def _launch(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> torch.Tensor:
+    """Direct launch in eager (no dispatcher cost on the hot path); the registered op under ``torch.compile``."""
+    if torch.compiler.is_compiling() and out is None:
+        cos, sin = o.rope if o.rope is not None else (None, None)
+        return _prefill_op(pq, pk, pv, vq, vk, vv, bq, bk, bv, o.key_padding_mask, cos, sin, o.q_pos, o.k_pos,
+                           o.causal, o.q_offset, o.scale)  # fmt: skip
+    return _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o, out=out)
+
+
 def _reference(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts) -> torch.Tensor:
     B, M = pq.shape[:2]
     N = pk.shape[1]
@@ -421,5 +449,5 @@ def lowrank_attention(
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         res = _LowRankAttentionFn.apply(opts, *tensors)
     else:
-        return _launch_prefill(*tensors, opts, out=out)
+        return _launch(*tensors, opts, out=out)
     return res if out is None else out.copy_(res)

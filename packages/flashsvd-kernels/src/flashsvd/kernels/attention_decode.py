@@ -325,6 +325,24 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
     return out
 
 
+@torch.library.custom_op("flashsvd::attention_decode", mutates_args=())
+def _decode_op(
+    pq: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, vq: torch.Tensor, vk: torch.Tensor, vv: torch.Tensor,
+    bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, lengths: torch.Tensor,
+    n_hint: int, mask: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    q_pos: torch.Tensor | None, k_pos: torch.Tensor | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The two decode launches as a ``torch.library`` op (``torch.compile`` traces through it)."""
+    rope = (cos, sin) if cos is not None else None
+    return _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, lengths=lengths, n_hint=n_hint, mask=mask,
+                          rope=rope, q_pos=q_pos, k_pos=k_pos, scale=scale)  # fmt: skip
+
+
+@_decode_op.register_fake
+def _(pq, pk, pv, vq, *args, **kwargs):
+    return pq.new_empty(*pq.shape[:3], vq.shape[2])
+
+
 def _prepare(pq, cache, vq, vk, vv, bq, bk, bv, lengths, key_padding_mask, rope, positions, key_positions):
     if isinstance(cache, RankSpaceKVCache):
         pk, pv = cache.pk, cache.pv
@@ -424,4 +442,7 @@ def lowrank_attention_decode(
         res = _decode_reference(*tensors, **kw)
         return res if out is None else out.copy_(res)
     with torch.no_grad():
+        if torch.compiler.is_compiling() and out is None:
+            cos, sin = rope if rope is not None else (None, None)
+            return _decode_op(*tensors, lengths, n_hint, key_padding_mask, cos, sin, q_pos, k_pos, scale)
         return _launch_decode(*tensors, n_hint=n_hint, out=out, **kw)

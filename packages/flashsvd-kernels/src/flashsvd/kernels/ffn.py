@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashsvd.kernels import ffn_policy
 from flashsvd.kernels._ffn_kernel import ffn_forward_triton
 from flashsvd.kernels._triton_compat import resolve_backend
 
@@ -207,6 +208,90 @@ def _triton_forward(x2d: torch.Tensor, tensors: tuple, activation: str, gated: b
     return ffn_forward_triton(x2d @ u1, None, v1, None, b1, None, u2, v2, b2, activation, False)
 
 
+@torch.library.custom_op("flashsvd::lowrank_ffn_fused", mutates_args=())
+def _fused_op(
+    x2d: torch.Tensor, u_a: torch.Tensor, v_a: torch.Tensor, b_a: torch.Tensor | None, u_b: torch.Tensor | None,
+    v_b: torch.Tensor | None, b_b: torch.Tensor | None, u2: torch.Tensor, v2: torch.Tensor, b2: torch.Tensor | None,
+    activation: str, gated: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The fused kernel as a ``torch.library`` op (``torch.compile`` traces through it, opaque)."""
+    tensors = (u_a, v_a, b_a, u_b, v_b, b_b, u2, v2, b2) if gated else (u_a, v_a, b_a, u2, v2, b2)
+    return _triton_forward(x2d, tensors, activation, gated)
+
+
+@_fused_op.register_fake
+def _(x2d, u_a, v_a, b_a, u_b, v_b, b_b, u2, v2, b2, activation, gated):
+    return x2d.new_empty(x2d.shape[0], v2.shape[1])
+
+
+def _fused(x2d, tensors, activation, gated) -> torch.Tensor:
+    """Direct launch in eager (no dispatcher cost); the registered op under ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return _triton_forward(x2d, tensors, activation, gated)
+    if gated:
+        return _fused_op(x2d, *tensors, activation, gated)
+    u1, v1, b1, u2, v2, b2 = tensors
+    return _fused_op(x2d, u1, v1, b1, None, None, None, u2, v2, b2, activation, gated)
+
+
+def _act_(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """In-place activation (the chain keeps one ``[tokens, d_ff]`` buffer, not two)."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_(h)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_(h, approximate="tanh")
+    if activation == "relu":
+        return h.relu_()
+    return F.silu(h, inplace=True)
+
+
+def _expand(p: torch.Tensor, v: torch.Tensor, b: torch.Tensor | None, out=None) -> torch.Tensor:
+    if b is None:
+        return torch.mm(p, v, out=out)
+    return torch.addmm(b, p, v, out=out)
+
+
+def _chain_rows(x2d, tensors, activation, gated, out) -> None:
+    """The cuBLAS chain on ``x2d`` rows, written into ``out`` (kernel activation names)."""
+    if gated:
+        ug, vg, bg, uu, vu, bu, ud, vd, bd = tensors
+        h = _act_(_expand(x2d @ ug, vg, bg), activation)
+        h.mul_(_expand(x2d @ uu, vu, bu))
+        _expand(h @ ud, vd, bd, out=out)
+        return
+    u1, v1, b1, u2, v2, b2 = tensors
+    h = _act_(_expand(x2d @ u1, v1, b1), activation)
+    _expand(h @ u2, v2, b2, out=out)
+
+
+def _chain_forward(x2d, tensors, activation, gated, chunks: int = 1) -> torch.Tensor:
+    """Plain (``chunks=1``) or token-chunked chain: transient = one chunk's ``d_ff`` activation."""
+    T = x2d.shape[0]
+    out = x2d.new_empty(T, tensors[-2].shape[1])
+    step = max(1, -(-T // chunks))
+    for s in range(0, T, step):
+        _chain_rows(x2d[s : s + step], tensors, activation, gated, out[s : s + step])
+    return out
+
+
+def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
+    """Fused kernel, plain chain or chunked chain, whichever ``policy`` picks for this shape."""
+    T, d_ff = x2d.shape[0], tensors[1].shape[1]
+    ranks = tuple(t.shape[1] for t in tensors[0::3])
+    key = (x2d.dtype, _bucket(T), x2d.shape[1], d_ff, ranks, activation, gated)
+
+    def run(name):
+        if name == "fused":
+            return _fused(x2d, tensors, activation, gated)
+        return _chain_forward(x2d, tensors, activation, gated, ffn_policy.CHUNKS if name == "chunked" else 1)
+
+    return run(ffn_policy.choose(key, policy, run, T, d_ff, x2d, gated))
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _reference_2d(x2d, tensors, activation, gated):
     if gated:
         return lowrank_gated_ffn_reference(x2d, GatedFFNFactors(*tensors), activation)
@@ -241,7 +326,9 @@ class _LowRankFFNFunction(torch.autograd.Function):
         return (result[0], None, None, *result[1:])
 
 
-def _dispatch(x, tensors, activation, gated, backend):
+def _dispatch(x, tensors, activation, gated, backend, policy="balanced"):
+    if policy not in ffn_policy.POLICIES:
+        raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
     requested = backend
     backend = resolve_backend(backend, x, *tensors)
     if backend == "triton" and x.dtype not in _KERNEL_DTYPES:
@@ -258,33 +345,46 @@ def _dispatch(x, tensors, activation, gated, backend):
         out = _LowRankFFNFunction.apply(x2d, activation, gated, *tensors)
     else:
         kernel_activation = GATED_ACTIVATIONS[activation] if gated else activation
-        out = _triton_forward(x2d, tensors, kernel_activation, gated)
+        if requested == "auto" and x2d.is_cuda:
+            out = _policy_forward(x2d, tensors, kernel_activation, gated, policy)
+        else:  # backend="triton": the fused kernel, as asked
+            out = _fused(x2d, tensors, kernel_activation, gated)
     return out.reshape(*lead, d_out)
 
 
 def lowrank_ffn(
-    x: torch.Tensor, factors: FFNFactors, activation: str = "gelu", backend: str = "auto"
+    x: torch.Tensor,
+    factors: FFNFactors,
+    activation: str = "gelu",
+    backend: str = "auto",
+    policy: str = "balanced",
 ) -> torch.Tensor:
     """``act(x·u1·v1 + b1)·u2·v2 + b2`` for ``x [..., d_model]``; returns ``[..., d_out]``.
 
     ``activation``: ``gelu`` (erf), ``gelu_tanh``, ``relu`` or ``silu``.  ``backend``: ``"auto"``
-    (Triton on CUDA, the reference elsewhere), ``"triton"`` or ``"torch"``.  fp16/bf16/fp32 inputs,
-    fp32 accumulation; differentiable w.r.t. ``x``, all factors and biases.
+    (on CUDA the fused kernel or the cuBLAS chain, per ``policy``; the reference elsewhere),
+    ``"triton"`` (always the fused kernel) or ``"torch"``.  ``policy``: ``"balanced"``,
+    ``"fastest"`` or ``"leanest"`` (:mod:`flashsvd.kernels.ffn_policy`).  fp16/bf16/fp32 inputs,
+    fp32 accumulation in the kernel; differentiable w.r.t. ``x``, all factors and biases.
     """
     _check_ffn(x, factors, activation)
     f = factors
-    return _dispatch(x, (f.u1, f.v1, f.b1, f.u2, f.v2, f.b2), activation, False, backend)
+    return _dispatch(x, (f.u1, f.v1, f.b1, f.u2, f.v2, f.b2), activation, False, backend, policy)
 
 
 def lowrank_gated_ffn(
-    x: torch.Tensor, factors: GatedFFNFactors, activation: str = "swiglu", backend: str = "auto"
+    x: torch.Tensor,
+    factors: GatedFFNFactors,
+    activation: str = "swiglu",
+    backend: str = "auto",
+    policy: str = "balanced",
 ) -> torch.Tensor:
     """``(act(x·ug·vg + bg) * (x·uu·vu + bu))·ud·vd + bd`` for ``x [..., d_model]``.
 
     ``activation``: ``swiglu`` (SiLU gate) or ``geglu`` (erf-GELU gate).  Gate, up and down ranks are
-    independent.  Same dtypes, backends and autograd support as :func:`lowrank_ffn`.
+    independent.  Same dtypes, backends, policies and autograd support as :func:`lowrank_ffn`.
     """
     _check_gated(x, factors, activation)
     f = factors
     tensors = (f.u_gate, f.v_gate, f.b_gate, f.u_up, f.v_up, f.b_up, f.u_down, f.v_down, f.b_down)
-    return _dispatch(x, tensors, activation, True, backend)
+    return _dispatch(x, tensors, activation, True, backend, policy)

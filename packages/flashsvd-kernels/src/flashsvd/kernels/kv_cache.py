@@ -5,8 +5,13 @@ low-rank factors it only needs ``Hkv·(rk + rv)`` (``2·Hkv·r`` for equal ranks
 of the dense bytes.  K and V are rebuilt on chip by :func:`flashsvd.kernels.lowrank_attention_decode`.
 
 One cache per layer; buffers are preallocated (``[B, max_len, Hkv, r]``) so decoding allocates nothing.
-Per-row lengths live on the device (``lengths``, int32 ``[B]``) so appends and the decode kernel need
-no host synchronisation; ``max_length`` is a host-side upper bound used to size the kernel launch.
+Per-row lengths live on the device (``lengths``, int32 ``[B]``) and appends write at slots computed
+from them on the device, so appends and the decode kernel need no host synchronisation and a decode
+step over the cache can be captured in a CUDA graph and replayed; ``max_length`` is a host-side
+upper bound used to size the kernel launch (a captured step must size it with ``max_len``).
+``positions`` (int64 ``[B, max_len]``) holds each cached key's RoPE position.
+
+This is the one rank-space cache: ``flashsvd.models``' Hugging Face cache layer stores into it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class RankSpaceKVCache:
             raise TypeError(f"cache dtype must be floating point, got {dtype}")
         self.pk = torch.zeros(batch, max_len, n_kv_heads, rank_k, dtype=dtype, device=device)
         self.pv = torch.zeros(batch, max_len, n_kv_heads, rank_v, dtype=dtype, device=device)
+        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=self.pk.device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.pk.device)
         self.max_length = 0
         self._uniform = True
@@ -77,7 +83,12 @@ class RankSpaceKVCache:
         self._uniform = True
 
     def append(
-        self, pk_new: torch.Tensor, pv_new: torch.Tensor, *, valid: torch.Tensor | None = None
+        self,
+        pk_new: torch.Tensor,
+        pv_new: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> None:
         """Write ``T`` new tokens per row after each row's current length.
 
@@ -85,6 +96,7 @@ class RankSpaceKVCache:
             pk_new, pv_new: ``[B, T, Hkv, rk]`` / ``[B, T, Hkv, rv]``.
             valid: optional ``[B]`` int, how many of the ``T`` tokens are real for each row (a
                 right-padded prompt); the row's length grows by that much instead of ``T``.
+            positions: optional ``[B, T]`` RoPE positions of the new keys (default: their slots).
         """
         if tuple(pk_new.shape[:1] + pk_new.shape[2:]) != (self.batch, *self.pk.shape[2:]):
             raise ValueError(f"pk_new must have shape [{self.batch}, T, {self.pk.shape[2]}, {self.pk.shape[3]}], "
@@ -96,15 +108,20 @@ class RankSpaceKVCache:
         if self.max_length + T > self.max_len:
             raise ValueError(f"cache overflow: {self.max_length} + {T} tokens > max_len {self.max_len}; "
                              "allocate a larger cache")  # fmt: skip
+        step = torch.arange(T, device=self.pk.device)
         if self._uniform:
-            L = self.max_length
-            self.pk[:, L : L + T].copy_(pk_new)
-            self.pv[:, L : L + T].copy_(pv_new)
+            # Slots from the device-side length (not the host counter): a captured step replays right.
+            slots = self.lengths[0].long() + step
+            self.pk.index_copy_(1, slots, pk_new.to(self.pk.dtype))
+            self.pv.index_copy_(1, slots, pv_new.to(self.pv.dtype))
+            pos = slots.expand(self.batch, T) if positions is None else positions.expand(self.batch, T)
+            self.positions.index_copy_(1, slots, pos.to(torch.long))
         else:
-            slots = self.lengths[:, None].long() + torch.arange(T, device=self.pk.device)
+            slots = self.lengths[:, None].long() + step
             rows = torch.arange(self.batch, device=self.pk.device)[:, None]
             self.pk[rows, slots] = pk_new.to(self.pk.dtype)
             self.pv[rows, slots] = pv_new.to(self.pv.dtype)
+            self.positions[rows, slots] = slots if positions is None else positions.to(torch.long)
         self.max_length += T
         if valid is None:
             self.lengths += T
@@ -113,3 +130,27 @@ class RankSpaceKVCache:
                 raise ValueError(f"valid must have shape [{self.batch}], got {tuple(valid.shape)}")
             self.lengths += valid.to(device=self.lengths.device, dtype=torch.int32)
             self._uniform = False
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate the buffers to hold ``max_len`` tokens (eager use only: addresses change)."""
+        if max_len <= self.max_len:
+            return
+        for name in ("pk", "pv", "positions"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], max_len, *old.shape[2:])
+            new[:, : self.max_length] = old[:, : self.max_length]
+            setattr(self, name, new)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first ``length`` (all rows: uniform caches only)."""
+        if not self._uniform:
+            raise ValueError("truncate needs a cache whose rows all have one length")
+        length = max(0, min(int(length), self.max_length))
+        self.lengths.fill_(length)
+        self.max_length = length
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (reorder, repeat) batch rows ``index`` (beam search, ``repeat_interleave``)."""
+        index = index.to(self.pk.device)
+        for name in ("pk", "pv", "positions", "lengths"):
+            setattr(self, name, getattr(self, name).index_select(0, index))

@@ -18,7 +18,8 @@ The pieces, in the order the pipeline uses them:
 * :func:`all_reduce_statistics`: sum (or max) every statistic of a nested object in place; it walks
   dataclasses, dicts, lists and tuples, so it does not depend on the statistics classes.
 * :func:`distributed_statistics`: ``collect(shard(batches))`` then the all-reduce: the one call the
-  pipeline makes where it collects statistics.
+  pipeline makes where it collects statistics (:func:`fail_together` when the local work is spread
+  over several passes before one :func:`all_reduce_statistics`).
 * :func:`spread`: factorize different matrices on different ranks (balanced by cost) and broadcast
   the results, so every rank ends with every factor, bitwise identical.
 * :func:`broadcast_from_main`: rank 0's decision (e.g. a rank allocation) on every rank.
@@ -495,12 +496,25 @@ def distributed_statistics(
     if not batches:
         raise DistributedError(f"{what}: no calibration batches to shard over {get_world_size()} ranks.")
     mine = shard(batches)
-    try:
+    with fail_together(what):
         local: Any = collect(mine) if mine else None
-    except Exception as err:
-        all_reduce_statistics(_Failed(f"{type(err).__name__}: {err}"), what=what)
-        raise  # pragma: no cover - all_reduce_statistics raised for everyone
     return all_reduce_statistics(local, what=what)
+
+
+@contextlib.contextmanager
+def fail_together(what: str = "calibration statistics") -> Iterator[None]:
+    """Guard the local work that precedes an :func:`all_reduce_statistics` with the same ``what``.
+
+    If the body raises on one rank, that rank still joins the reduction (with a failure marker), so
+    every rank raises :class:`DistributedError` at once instead of the others waiting for the timeout.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_distributed():
+            raise
+        all_reduce_statistics(_Failed(f"{type(err).__name__}: {err}"), what=what)
+        raise  # pragma: no cover - all_reduce_statistics raised on every rank
 
 
 # ---- factorizations spread over ranks ---------------------------------------------------------------

@@ -16,6 +16,11 @@ cached batch (``inp`` can be any object, e.g. a tuple of hidden states and atten
 ``targets(i, block)`` returns the layers to hook, either one mapping ``{name: module}`` or an ordered
 list of mappings (groups) — each group is calibrated after the previous groups of the same block were
 compressed (e.g. ``[qkv, o, up/gate, down]``), which makes sequential mode sequential within a block too.
+
+Big models (llm-compressor's sequential pipeline): ``place(block, True/False)`` moves each block onto
+the accelerator just before its turn and back afterwards, so one block's weights sit on the device at
+a time; ``done(i, inputs, reference_inputs)`` sees the cached inputs of block ``i + 1`` after block
+``i`` is finished (to checkpoint them), and ``start`` / ``reference_inputs`` resume from there.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ def calibrate_blockwise(
     scales: bool = True,
     input_of: InputOf = default_input_of,
     progress: Callable[[int], None] | None = None,
+    start: int = 0,
+    reference_inputs: list[Any] | None = None,
+    place: Callable[[nn.Module, bool], None] | None = None,
+    done: Callable[[int, list[Any], list[Any] | None], None] | None = None,
 ) -> list[Any]:
     """Calibrate and compress ``blocks`` in order; returns what ``compress`` returned, per group.
 
@@ -63,6 +72,10 @@ def calibrate_blockwise(
             statistics are freed right after it returns).
         mode: ``"sequential"`` or ``"all_at_once"``.
         paired: record ``cross`` statistics against the dense model (``mode="sequential"`` only).
+        start: index of the first block to process; ``inputs`` are then the cached inputs of
+            ``blocks[start]`` (and ``reference_inputs`` the dense model's, when ``paired``).
+        place: ``place(block, True)`` before a block is processed, ``place(block, False)`` after.
+        done: ``done(i, next_inputs, next_reference_inputs)`` after block ``i`` is finished.
     """
     if mode not in ("sequential", "all_at_once"):
         raise FlashSVDMethodError(f"mode must be 'sequential' or 'all_at_once', got {mode!r}.")
@@ -71,10 +84,16 @@ def calibrate_blockwise(
     if not inputs:
         raise FlashSVDMethodError("no cached calibration inputs: pass at least one batch for block 0.")
     current = list(inputs)
-    dense_stream = list(inputs) if paired else None
+    dense_stream = (
+        (list(reference_inputs) if reference_inputs is not None else list(inputs)) if paired else None
+    )
     results: list[Any] = []
     with torch.no_grad():
         for i, block in enumerate(blocks):
+            if i < start:
+                continue
+            if place is not None:
+                place(block, True)
             groups = _groups(targets(i, block))
             if mode == "all_at_once":
                 stats: dict[str, LayerStatistics] = {}
@@ -110,6 +129,10 @@ def calibrate_blockwise(
                 current = [run_block(block, inp) for inp in current]
                 if paired:
                     dense_stream = dense_next
+            if place is not None:
+                place(block, False)
+            if done is not None:
+                done(i, current, dense_stream)
             if progress is not None:
                 progress(i)
     return results

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from flashsvd.models.runtime import swap_out
+from flashsvd.kernels.ffn_policy import POLICIES
+from flashsvd.models.runtime import FlashFFN, swap_out
 
 __all__ = ["BACKENDS", "get_backend", "set_backend"]
 
@@ -20,11 +21,16 @@ def get_backend(model: nn.Module) -> str:
     return getattr(model, "_flashsvd_backend", "torch")
 
 
-def set_backend(model: nn.Module, backend: str, *, kernel_backend: str = "auto") -> list[str]:
+def set_backend(
+    model: nn.Module, backend: str, *, kernel_backend: str = "auto", ffn_policy: str = "balanced"
+) -> list[str]:
     """Switch ``model`` to ``backend``; returns notes about parts that stay on the torch path.
 
     ``kernel_backend`` is passed to the kernels (``"auto"``: Triton on CUDA, reference elsewhere).
-    Caches built on one backend cannot be continued on the other (start a new one).
+    ``ffn_policy`` picks, per FFN call shape, the fused kernel or the cuBLAS chain: ``"balanced"``
+    (fastest within 1/8 of the chain's activation memory), ``"fastest"`` or ``"leanest"``
+    (:mod:`flashsvd.kernels.ffn_policy`).  Caches built on one backend cannot be continued on the
+    other (start a new one).
     """
     from flashsvd.models.adapters import get_adapter
 
@@ -32,7 +38,12 @@ def set_backend(model: nn.Module, backend: str, *, kernel_backend: str = "auto")
         raise ValueError(f"unknown backend {backend!r}: choose 'torch' or 'flash'")
     swap_out(model)
     notes: list[str] = []
+    if ffn_policy not in POLICIES:
+        raise ValueError(f"unknown ffn_policy {ffn_policy!r}: choose one of {', '.join(POLICIES)}")
     if backend == "flash":
         notes = get_adapter(model).install_flash(model, backend=kernel_backend)
+        for block in model.modules():
+            if isinstance(block, FlashFFN):
+                block.policy = ffn_policy
     object.__setattr__(model, "_flashsvd_backend", backend)
     return notes

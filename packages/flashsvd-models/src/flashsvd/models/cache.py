@@ -1,12 +1,19 @@
 """Rank-space KV cache plugged into Hugging Face's ``Cache`` objects.
 
 Why a cache *layer* and not a new ``Cache``: ``generate()`` and the HF model forwards create a
-``DynamicCache`` themselves and pass it to every attention module.  On the flash backend our
-attention swaps that cache's per-layer storage for a :class:`RankSpaceCacheLayer` the first time it
-sees it, so the same ``DynamicCache`` object (sequence length, masks, cropping, beam reordering)
-keeps working while it stores ``pk = x·u_k`` and ``pv = x·u_v`` (``[B, N, Hkv, r]``) instead of
-full-width K and V, plus the integer RoPE position of every cached key (RoPE is applied on the fly
-by the kernel, after rebuilding K from its factors).
+``DynamicCache`` (or, asked, a ``StaticCache``) themselves and pass it to every attention module.  On
+the flash backend our attention swaps that cache's per-layer storage for a
+:class:`RankSpaceCacheLayer` the first time it sees it, so the same HF object (sequence length,
+masks, cropping, beam reordering) keeps working while it stores ``pk = x·u_k`` and ``pv = x·u_v``
+(``[B, N, Hkv, r]``) instead of full-width K and V, plus the integer RoPE position of every cached
+key (RoPE is applied on the fly by the kernel, after rebuilding K from its factors).
+
+The storage is the kernels' preallocated :class:`flashsvd.kernels.RankSpaceKVCache` (one cache class):
+
+* in a ``DynamicCache`` it starts small and doubles when full (amortized, no ``torch.cat`` per step);
+* in a ``StaticCache`` it is allocated once at the cache's ``max_cache_len`` and never moves: a decode
+  step writes at device-side lengths and reads with a fixed launch size, so it can be captured in a
+  CUDA graph and replayed (:func:`flashsvd.models.graphs.capture_decode_step`).
 """
 
 from __future__ import annotations
@@ -14,102 +21,156 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from flashsvd.kernels.kv_cache import RankSpaceKVCache
+
 __all__ = ["RankSpaceCacheLayer", "rank_space_layer"]
+
+_FIRST_CAPACITY = 256
 
 
 class RankSpaceCacheLayer(DynamicLayer):
-    """``DynamicLayer`` whose ``keys``/``values`` are rank-space projections ``[B, N, H, r]``.
+    """HF cache layer whose ``keys``/``values`` are rank-space projections ``[B, N, H, r]``.
 
-    ``positions`` (``[B, N]`` int64) are the RoPE positions of the cached keys.  The sequence axis is
-    dim 1 (HF's dense layers use dim -2), so every method that slices it is overridden.
+    ``max_cache_len``: fixed capacity (static, graph-safe) or ``None`` (grows by doubling).
+    ``positions`` (``[B, N]`` int64) are the RoPE positions of the cached keys.  The sequence axis
+    is dim 1 (HF's dense layers use dim -2), so every method that slices it is overridden.
     """
 
-    def __init__(self, **kwargs) -> None:
+    is_compileable = False
+
+    def __init__(self, max_cache_len: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.positions: torch.Tensor | None = None
+        self.max_cache_len = max_cache_len
+        self.store: RankSpaceKVCache | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.max_cache_len is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, T, H, rk = key_states.shape
+        cap = self.max_cache_len or max(_FIRST_CAPACITY, 1 << (T - 1).bit_length())
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((key_states.shape[0], 0, *key_states.shape[2:]))
-        self.values = value_states.new_zeros((value_states.shape[0], 0, *value_states.shape[2:]))
-        self.positions = torch.zeros(key_states.shape[0], 0, dtype=torch.long, device=key_states.device)
+        self.store = RankSpaceKVCache(B, cap, H, rk, value_states.shape[-1], dtype=key_states.dtype,
+                                      device=key_states.device)  # fmt: skip
         self.is_initialized = True
+
+    # HF's DynamicLayer keeps plain attributes; ours are views of the preallocated store.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.store is None else self.store.pk[:, : self.store.max_length]
+
+    @keys.setter
+    def keys(self, value) -> None:  # DynamicLayer.__init__/reset assign None
+        if value is not None:
+            raise AttributeError("RankSpaceCacheLayer.keys is a view of its store; use update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.store is None else self.store.pv[:, : self.store.max_length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("RankSpaceCacheLayer.values is a view of its store; use update()")
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return None if self.store is None else self.store.positions[:, : self.store.max_length]
 
     def update(self, key_states, value_states, *args, positions: torch.Tensor | None = None, **kwargs):
         """Append ``[B, T, H, r]`` projections (and their ``[B, T]`` positions); return everything cached."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if positions is None:
-            start = self.keys.shape[1]
-            positions = torch.arange(start, start + key_states.shape[1], device=key_states.device)
-        positions = positions.to(torch.long).expand(key_states.shape[0], key_states.shape[1])
-        self.keys = torch.cat([self.keys, key_states], dim=1)
-        self.values = torch.cat([self.values, value_states], dim=1)
-        self.positions = torch.cat([self.positions, positions], dim=1)
+        store, T = self.store, key_states.shape[1]
+        if store.max_length + T > store.max_len:
+            if self.static:
+                raise ValueError(
+                    f"static cache full: {store.max_length} + {T} tokens > max_cache_len {store.max_len}; "
+                    "allocate the StaticCache with a larger max_cache_len"
+                )
+            store.grow(max(2 * store.max_len, store.max_length + T))
+        if positions is not None:
+            positions = positions.to(torch.long).expand(key_states.shape[0], T)
+        store.append(key_states, value_states, positions=positions)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized or self.keys is None:
-            return 0
-        return int(self.keys.shape[1])
+        return 0 if self.store is None else self.store.max_length
+
+    def get_mask_sizes(self, query, *args) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of HF's mask: the capacity when static, else past + new tokens."""
+        if self.static:
+            return self.max_cache_len, 0
+        q = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+        return self.get_seq_length() + q, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len if self.static else -1
+
+    get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
-        self.positions = None
-        super().reset()
+        if self.store is not None:
+            self.store.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized:
+        if tokens_to_remove == 0 or self.store is None:
             return
-        keep = self.keys.shape[1] + tokens_to_remove
-        self.keys, self.values = self.keys[:, :keep], self.values[:, :keep]
-        self.positions = self.positions[:, :keep]
+        self.store.truncate(self.store.max_length + tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        if self.store is not None:
+            self.store.select_rows(torch.arange(self.store.batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-            self.positions = self.positions[indices]
+        if self.store is not None:
+            self.store.select_rows(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self.batch_select_indices(beam_idx.to(self.keys.device))
+        self.batch_select_indices(beam_idx)
+
+    def offload(self) -> None:  # the store stays where it is (no CPU offloading of rank-space caches)
+        return None
+
+    prefetch = offload
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the rank-space keys and values."""
-        if not self.is_initialized:
+        """Bytes held by the rank-space keys and values (the whole preallocated buffers)."""
+        if self.store is None:
             return 0
-        return self.keys.nbytes + self.values.nbytes
+        return self.store.pk.nbytes + self.store.pv.nbytes
 
 
 def rank_space_layer(cache: Cache, layer_idx: int) -> RankSpaceCacheLayer:
-    """The rank-space layer ``layer_idx`` of ``cache``, installing one in place of an empty dense layer.
+    """The rank-space layer ``layer_idx`` of ``cache``, installing one in place of an empty HF layer.
 
-    Raises ``ValueError`` if that layer already holds dense keys (a cache filled by the torch backend
-    cannot be continued on the flash backend: start a new cache after ``set_backend``).
+    An empty dynamic layer becomes a growing rank-space layer; a ``StaticCache`` layer becomes a
+    static one of the same capacity.  Raises ``ValueError`` if the layer already holds dense keys (a
+    cache filled by the torch backend cannot be continued on the flash backend: start a new cache).
     """
     self_cache = getattr(cache, "self_attention_cache", cache)
     layers = getattr(self_cache, "layers", None)
     if layers is None:
         raise TypeError(
-            f"unsupported cache type {type(cache).__name__}: pass a transformers DynamicCache or None"
+            f"unsupported cache type {type(cache).__name__}: pass a transformers DynamicCache, StaticCache or None"
         )
     while len(layers) <= layer_idx:
         layers.append(RankSpaceCacheLayer())
     layer = layers[layer_idx]
     if isinstance(layer, RankSpaceCacheLayer):
         return layer
-    if type(layer) is not DynamicLayer or layer.get_seq_length() > 0:
+    capacity = getattr(layer, "max_cache_len", None)
+    empty = not getattr(layer, "is_initialized", False)
+    if type(layer) is DynamicLayer and not empty:
+        empty = layer.get_seq_length() == 0
+    if getattr(layer, "is_sliding", False) or not empty:
         raise ValueError(
             f"cache layer {layer_idx} is a {type(layer).__name__} holding dense keys; the flash backend stores "
-            "rank-space keys: use a fresh DynamicCache (or none) after switching backends"
+            "rank-space keys: use a fresh DynamicCache or StaticCache (or none) after switching backends"
         )
-    layers[layer_idx] = RankSpaceCacheLayer()
+    layers[layer_idx] = RankSpaceCacheLayer(capacity)
     return layers[layer_idx]

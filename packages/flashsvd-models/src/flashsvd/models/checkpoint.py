@@ -95,6 +95,11 @@ def attach_config(model: nn.Module, report) -> None:
         "calibration": dict(report.calibration),
         "versions": _versions(),
     }
+    recipe = getattr(report, "recipe", None)
+    if (
+        recipe
+    ):  # the typed Recipe (flashsvd.models.recipe) that made it: `flashsvd compress --recipe` reads it back
+        block["recipe"] = dict(recipe)
     model.config.quantization_config = block
 
 
@@ -274,6 +279,7 @@ def save_compressed(
     overwrite: bool = True,
     tokenizer=None,
     source: str | os.PathLike | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (compressed by :func:`flashsvd.models.compress`) to ``folder`` atomically.
 
@@ -281,9 +287,11 @@ def save_compressed(
         tokenizer: saved beside the model when given.
         source: the source model folder whose unchanged files (sentence-transformers modules, pooling
             config, tokenizer files) are kept; default: the folder the model was loaded from, if local.
+        metrics: measured figures for the model card (``README.md``), e.g. ``{"STS-B Spearman": 0.80}``.
     """
     from safetensors.torch import save_file
 
+    from flashsvd.models.card import model_card
     from flashsvd.models.hf_integration import SHIM_FILE, shim_source
 
     block = flashsvd_block(model.config)
@@ -305,12 +313,14 @@ def save_compressed(
         )
         (tmp / CONFIG).write_text(json.dumps(_config_dict(model), indent=2, sort_keys=True) + "\n")
         (tmp / SHIM_FILE).write_text(shim_source())
+        src = _source_folder(model, source)
+        name = getattr(model, "name_or_path", None) or (src.name if src is not None else None)
+        (tmp / "README.md").write_text(model_card(flashsvd_block(model.config), source=name, metrics=metrics))
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        src = _source_folder(model, source)
         if src is not None and src.resolve() != folder.resolve():
             _copy_source_files(src, tmp)
         if folder.exists():

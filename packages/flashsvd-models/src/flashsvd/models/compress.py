@@ -1,38 +1,32 @@
 """``compress``: turn a Hugging Face model into its low-rank form, in place, with a report.
 
-Flow (see ``docs/architecture.md``): adapter → targets → (calibration statistics) → rank budget
-(``flashsvd.methods.allocate_ranks``) → ``flashsvd.methods.factorize`` per matrix → the matrices are
-replaced by :class:`~flashsvd.models.lowrank.LowRankLinear` (fused matrices by
-:class:`~flashsvd.models.lowrank.FusedLinear`) → backend switch.  The model keeps its HF class.
+One pipeline (:mod:`flashsvd.models.pipeline`) does the work: targets → statistics → rank allocation →
+factorization → replacement, every choice held by a :class:`~flashsvd.models.recipe.Recipe`. Without a
+recipe or method, ``compress`` uses the best measured recipe of the model's family
+(:func:`~flashsvd.models.recipe.default_recipe`); ``method=`` alone means that method with uniform ranks.
+The model keeps its HF class.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flashsvd.methods import (
-    LayerShape,
-    RankPolicy,
-    allocate_ranks,
-    collect_fisher,
-    collect_statistics,
-    factorize,
-    get_method,
-)
-from flashsvd.methods.distributed import distributed_statistics, spread
+from flashsvd.methods import RankAllocation, RankPolicy, allocate_ranks, get_method
 from flashsvd.models.adapters import Target, get_adapter
 from flashsvd.models.backend import set_backend
-from flashsvd.models.lowrank import FusedLinear, LowRankLinear, linear_from_dense
-from flashsvd.models.runtime import get_module, set_module
+from flashsvd.models.lowrank import FusedLinear, LowRankLinear
+from flashsvd.models.pipeline import run_pipeline, shape_of
+from flashsvd.models.recipe import RECIPES, Recipe, default_recipe, load_recipe
 
-__all__ = ["CompressionReport", "compress", "count_parameters", "is_compressed"]
+__all__ = ["CompressionReport", "compress", "count_parameters", "is_compressed", "resolve_recipe"]
 
 
 @dataclass
@@ -53,6 +47,9 @@ class CompressionReport:
     backend: str = "torch"
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the recipe that made it (:meth:`Recipe.to_json`) and how the ranks were allocated.
+    recipe: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> float:
@@ -92,23 +89,12 @@ def is_compressed(model: nn.Module) -> bool:
     return any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules())
 
 
-def _max_rank(t: Target, w: torch.Tensor) -> int:
-    out, inp = w.shape
-    return min(inp, out // t.n_heads) if t.n_heads else min(inp, out)
-
-
-def _shape(t: Target, model: nn.Module) -> LayerShape:
-    w, _ = t.weight(model)
-    return LayerShape(t.name, int(w.shape[1]), int(w.shape[0]), t.n_heads, t.kind)
-
-
-def _resolve_ranks(targets, model, keep_ratio, rank, ranks) -> tuple[dict[str, int | None], dict[str, str]]:
-    given = sum(x is not None for x in (keep_ratio, rank, ranks))
-    if given != 1:
-        raise ValueError(f"compress needs exactly one of keep_ratio=, rank= or ranks= (got {given})")
-    shapes = [_shape(t, model) for t in targets]
+def _explicit_ranks(targets, model, rank, ranks):
+    """Ranks given directly (unified ``rank``, ``"full"`` or a per-module mapping / JSON path)."""
+    shapes = [shape_of(t, model) for t in targets]
     if rank == "full":  # every target factorized at its maximal rank (lossless; parity tests)
-        return {s.name: s.max_rank for s in shapes}, {}
+        kept, total = sum(s.params(s.max_rank) for s in shapes), sum(s.dense_params for s in shapes)
+        return RankAllocation({s.name: s.max_rank for s in shapes}, {}, kept, total)
     if isinstance(ranks, Mapping):
         known = {t.name for t in targets}
         unknown = sorted(set(ranks) - known)
@@ -116,213 +102,126 @@ def _resolve_ranks(targets, model, keep_ratio, rank, ranks) -> tuple[dict[str, i
             raise ValueError(
                 f"ranks= names unknown module(s) {unknown[:4]}; valid names look like {sorted(known)[:2]}"
             )
-    policy = RankPolicy(keep_ratio=keep_ratio, rank=rank, ranks=ranks)
-    alloc = allocate_ranks(shapes, policy)
-    return dict(alloc.ranks), dict(alloc.reasons)
+    return allocate_ranks(shapes, RankPolicy(rank=rank, ranks=ranks))
 
 
-def _default_run(model: nn.Module) -> Callable[[Any], Any]:
-    def run(batch):
-        if isinstance(batch, Mapping):
-            return model(
-                **{k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            )
-        if isinstance(batch, torch.Tensor):
-            return model(batch.to(model.device))
-        raise TypeError(
-            f"calibration batches must be dicts of tensors (tokenizer output) or input-id tensors, got {type(batch).__name__}"
+def resolve_recipe(
+    model: nn.Module,
+    recipe: Recipe | Mapping[str, Any] | str | Path | None = None,
+    method: str | None = None,
+    *,
+    sequential: bool | None = None,
+    calibrated: bool = True,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[Recipe, list[str]]:
+    """The recipe ``compress`` runs, and notes on how it was chosen.
+
+    ``recipe`` wins; else ``method`` alone means that method with uniform ranks (``ars``: ARS ranks,
+    whitened factors); else the family default, or the data-free ``svd`` recipe when there is no
+    calibration data (with a warning, since the default is much better). ``sequential`` and method
+    ``options`` (``center``, ``output_fisher``, ``update`` and the rest) override the recipe.
+    """
+    notes: list[str] = []
+    if recipe is not None:
+        r = load_recipe(recipe)
+        if method is not None:
+            r = r.with_(method=method)
+    elif method is not None:
+        name = get_method(method).name
+        r = (
+            Recipe(name="ars", method="whiten", allocation="ars")
+            if name == "ars"
+            else Recipe(name=name, method=name, allocation="uniform")
         )
-
-    return run
-
-
-def _loss_of(model: nn.Module) -> Callable[[Any], torch.Tensor]:
-    run = _default_run(model)
-
-    def loss(batch):
-        out = run(batch)
-        if getattr(out, "loss", None) is None:
-            raise ValueError(
-                "fwsvd needs a loss: pass calibration batches with labels (e.g. labels=input_ids)"
+    else:
+        r = default_recipe(model)
+        if not calibrated:
+            notes.append(
+                f"no calibration data: used the data-free 'svd' recipe instead of the {r.name} default "
+                f"({r.describe()}); pass calibration= for the better one"
             )
-        return out.loss
-
-    return loss
-
-
-def _collect(model, targets, calibration, spec, run) -> dict:
-    # Distributed integration point 1 of 2: under torchrun each rank collects on its shard of the
-    # batches and one all-reduce sums the statistics (the identity without a process group).
-    return distributed_statistics(lambda shard: _collect_local(model, targets, shard, spec, run), calibration)
-
-
-def _collect_local(model, targets, calibration, spec, run) -> dict:
-    sources = {t.source: get_module(model, t.source) for t in targets}
-    if "fisher_in" in spec.requires:
-        was = model.training
-        model.eval()
-        stats = collect_fisher(sources, _loss_of(model), calibration, weight_grad_of=_weight_grad_of)
-        model.train(was)
-        return stats
-    return collect_statistics(sources, run, calibration)
-
-
-def _weight_grad_of(module: nn.Module) -> torch.Tensor | None:
-    g = module.weight.grad
-    if g is not None and type(module).__name__ == "Conv1D":
-        return g.T
-    return g
-
-
-def _factor_targets(model, targets, ranks, method, stats, options, errors, progress) -> None:
-    """Factorize ``targets`` (reading the dense weights) and install the low-rank modules."""
-    by_name = {t.name: t for t in targets if ranks.get(t.name) is not None}
-    local: set[str] = set()
-
-    def fit(name: str):
-        t = by_name[name]
-        w, b = t.weight(model)
-        st = stats.get(t.source) if stats else None
-        f = factorize(w.detach().float(), int(ranks[name]), method, stats=st, bias=None if b is None else b.detach().float(),
-                      n_heads=t.n_heads, **options)  # fmt: skip
-        local.add(name)
-        if progress is not None:
-            progress(name)
-        return f.to(dtype=w.dtype)  # the installed dtype: half the memory and broadcast bytes of fp32
-
-    def cost(name: str) -> float:  # an SVD of an [out, in] matrix costs ~ out · in · min(out, in)
-        out_f, in_f = by_name[name].weight(model)[0].shape
-        return float(out_f * in_f * min(out_f, in_f))
-
-    # Distributed integration point 2 of 2: each matrix is factorized on one rank (balanced by cost)
-    # and broadcast, so every rank installs the same factors ({name: fit(name)} without a group).
-    factors = spread(list(by_name), fit, cost=cost)
-    for name in [n for n in factors if n not in local] if progress is not None else []:
-        progress(name)  # factorized on another rank: keeps the bar's total right
-    built: dict[str, nn.Module] = {}
-    for t in targets:
-        if t.name not in factors:
-            continue
-        w, _ = t.weight(model)
-        f = factors[t.name]
-        errors[t.name] = {"error": f.error, "data_error": f.data_error}
-        lr = LowRankLinear.from_factorization(f, dtype=w.dtype).to(w.device)
-        lr.conv1d = t.is_conv1d(model) and t.part is None
-        built[t.name] = lr
-    groups: dict[str, list[Target]] = defaultdict(list)
-    for t in targets:
-        if t.part is None:
-            if t.name in built:
-                set_module(model, t.name, built[t.name])
-        else:
-            groups[t.source].append(t)
-    for source, parts in groups.items():
-        if not any(p.name in built for p in parts):
-            continue
-        conv = parts[0].is_conv1d(model)
-        mods = {}
-        for p in sorted(parts, key=lambda p: p.rows[0]):
-            if p.name in built:
-                mods[p.part] = built[p.name]
-            else:
-                w, b = p.weight(model)
-                mods[p.part] = linear_from_dense(w.detach(), None if b is None else b.detach())
-        fused = FusedLinear(mods)
-        fused.conv1d = conv
-        set_module(model, source, fused)
+            warnings.warn(notes[-1], stacklevel=3)
+            r = RECIPES["svd"]
+    opts = dict(options or {})
+    changes: dict[str, Any] = {k: opts.pop(k) for k in ("center", "output_fisher", "update") if k in opts}
+    if opts:
+        changes["options"] = {**r.options, **opts}
+    if sequential is not None:
+        changes["sequential"] = bool(sequential)
+    return (r.with_(**changes) if changes else r), notes
 
 
 def compress(
     model: nn.Module,
-    method: str = "svd",
+    method: str | None = None,
     keep_ratio: float | None = None,
     rank: int | str | None = None,
     ranks: Mapping[str, int | None] | str | None = None,
     calibration: Iterable[Any] | None = None,
     backend: str = "torch",
-    sequential: bool = False,
+    sequential: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    *,
+    recipe: Recipe | Mapping[str, Any] | str | Path | None = None,
+    device: str | torch.device | None = None,
+    state_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
     **method_options: Any,
 ):
     """Compress ``model`` in place; return ``(model, CompressionReport)``.
 
     Args:
         model: a Hugging Face model whose ``config.model_type`` has an adapter.
-        method: factorization method (``flashsvd.methods.METHODS``: svd, fwsvd, whiten, svdllm, asvd, ars).
-        keep_ratio: fraction of the targeted layers' parameters to keep (uniform allocation).
+        method: factorization method (``flashsvd.methods.METHODS``); alone, it means that method with
+            uniform ranks. Leave it and ``recipe`` unset for the family's best measured recipe.
+        keep_ratio: fraction of the targeted layers' parameters to keep (allocated by the recipe).
         rank: unified rank (attention Q/K/V ``r``, output/FFN ``6r``), or ``"full"`` (lossless, for tests).
         ranks: explicit ``{module path: rank or None}`` (``None`` = dense) or a ranks JSON path.
         calibration: iterable of batches (tokenizer dicts or input-id tensors), required by data-aware
-            methods; ``fwsvd`` needs batches that produce a loss (e.g. with ``labels``).
+            recipes; padding tokens are excluded from the statistics.
         backend: ``"torch"`` (plain low-rank matmuls) or ``"flash"`` (fused kernels).
-        sequential: calibrate layer by layer on the already-compressed prefix (data-aware methods).
+        sequential: override the recipe: calibrate block by block on the compressed prefix.
         progress: called with each module path as it is factorized.
+        recipe: a :class:`Recipe`, a mapping, a built-in name (``encoder``, ``decoder``, ``svd``) or a
+            JSON/YAML file.
+        device: with ``sequential``, the accelerator that each block visits in turn (the model stays put).
+        state_dir: with ``sequential``, a folder to checkpoint finished blocks in; running again with
+            the same folder resumes after the last finished block.
+        log: called with progress lines of the block-by-block pass.
+        **method_options: method options (``center``, ``output_fisher``, ``update``, ``damping`` ...).
     """
     if is_compressed(model):
         raise ValueError("model is already compressed: load the dense model again or merge_to_dense() first")
     t0 = time.perf_counter()
     adapter = get_adapter(model)
-    spec = get_method(method)
-    targets = adapter.targets(model)
-    rank_map, reasons = _resolve_ranks(targets, model, keep_ratio, rank, ranks)
-    params_before = count_parameters(model)
-    target_before = sum(_shape(t, model).dense_params for t in targets)
-    target_after = 0
-    for t in targets:
-        s = _shape(t, model)
-        target_after += s.params(rank_map.get(t.name))
+    given = sum(x is not None for x in (keep_ratio, rank, ranks))
+    if given != 1:
+        raise ValueError(f"compress needs exactly one of keep_ratio=, rank= or ranks= (got {given})")
     batches = list(calibration) if calibration is not None else None
-    if spec.data_aware and not batches:
-        raise ValueError(
-            f"method {spec.name!r} is data-aware: pass calibration= (an iterable of tokenized batches)"
-        )
-    calib = {"batches": len(batches) if batches else 0, "sequential": bool(sequential and batches)}
-    if batches:
-        calib["tokens"] = int(sum(_n_tokens(b) for b in batches))
-    run = _default_run(model)
-    errors: dict[str, dict[str, float | None]] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        if batches and spec.data_aware and sequential:
-            by_layer: dict[int, list[Target]] = defaultdict(list)
-            for t in targets:
-                by_layer[t.layer].append(t)
-            for layer in sorted(by_layer):
-                todo = [t for t in by_layer[layer] if rank_map.get(t.name) is not None]
-                stats = _collect(model, todo, batches, spec, run) if todo else {}
-                _factor_targets(
-                    model, by_layer[layer], rank_map, spec.name, stats, method_options, errors, progress
-                )
-                del stats
-        else:
-            todo = [t for t in targets if rank_map.get(t.name) is not None]
-            stats = (
-                _collect(model, todo, batches, spec, run) if (batches and spec.data_aware and todo) else {}
-            )
-            _factor_targets(model, targets, rank_map, spec.name, stats, method_options, errors, progress)
-    finally:
-        model.train(was_training)
-    dense = {t.name: reasons.get(t.name, "rank None") for t in targets if rank_map.get(t.name) is None}
+    rec, notes = resolve_recipe(model, recipe, method, sequential=sequential, calibrated=bool(batches),
+                                options=method_options)  # fmt: skip
+    targets: list[Target] = adapter.targets(model)
+    explicit = None if keep_ratio is not None else _explicit_ranks(targets, model, rank, ranks)
+    params_before = count_parameters(model)
+    shapes = [shape_of(t, model) for t in targets]
+    result = run_pipeline(model, targets, rec, keep_ratio=keep_ratio, explicit=explicit, calibration=batches,
+                          progress=progress, device=device, state_dir=state_dir, log=log)  # fmt: skip
+    rank_map = result.ranks
+    target_before = sum(s.dense_params for s in shapes)
+    target_after = sum(s.params(rank_map.get(s.name)) for s in shapes)
+    dense = {t.name: result.reasons.get(t.name, "rank None") for t in targets if rank_map.get(t.name) is None}
     report = CompressionReport(
-        model_type=model.config.model_type, method=spec.name, keep_ratio=keep_ratio,
+        model_type=model.config.model_type, method=rec.method, keep_ratio=keep_ratio,
         params_before=params_before, params_after=count_parameters(model),
         target_params_before=target_before, target_params_after=target_after,
-        ranks=rank_map, errors=errors, dense=dense, calibration=calib, backend=backend,
+        ranks=rank_map, errors=result.errors, dense=dense, calibration=result.calibration, backend=backend,
+        recipe=rec.to_json(), allocation=result.allocation,
     )  # fmt: skip
     from flashsvd.models.checkpoint import attach_config
 
     attach_config(model, report)
-    report.notes = set_backend(model, backend)
+    model.config.quantization_config["recipe"] = rec.to_json()
+    model.config.quantization_config["allocation"] = dict(result.allocation)
+    report.notes = notes + list(set_backend(model, backend))
     report.seconds = time.perf_counter() - t0
     return model, report
-
-
-def _n_tokens(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
-        if ids is None:
-            return 0
-        mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else int(ids.numel())
-    return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0

@@ -74,8 +74,13 @@ def _base_config(config_dict: dict[str, Any]):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     d = dict(config_dict)
-    block = d.get("quantization_config") or {}
-    base = block.get("base_model_type") if isinstance(block, dict) else None
+    block = d.get("quantization_config")
+    if not isinstance(block, dict) or block.get("quant_method") != "flashsvd":
+        raise ValueError(
+            "config.json says model_type 'flashsvd' but has no quantization_config with quant_method 'flashsvd': "
+            "the checkpoint was edited or is incomplete (its low-rank layers cannot be rebuilt)"
+        )
+    base = block.get("base_model_type")
     if not isinstance(base, str) or base not in CONFIG_MAPPING:
         raise ValueError(
             f"quantization_config.base_model_type is {base!r}: not an architecture this transformers knows"
@@ -136,6 +141,7 @@ def register() -> bool:
 
     AutoConfig.register(MODEL_TYPE, FlashSVDConfig, exist_ok=True)
     _CLASSES["FlashSVDConfig"] = FlashSVDConfig
+    _register_quantization_method()
 
     for auto_name, cls_name in AUTO_CLASSES.items():
         auto_cls = getattr(transformers, auto_name)
@@ -175,3 +181,65 @@ def register() -> bool:
         auto_cls.register(FlashSVDConfig, loader, exist_ok=True)
         _CLASSES[cls_name] = loader
     return True
+
+
+def _register_quantization_method() -> None:
+    """Make ``quant_method: "flashsvd"`` a known quantization config (and quantizer) to transformers.
+
+    Tools that inspect a loaded model (lm-eval's ``HFLM``, ``save_pretrained``) parse
+    ``config.quantization_config`` through ``AutoQuantizationConfig``; unregistered, they fail on our
+    block.  The quantizer only rebuilds the low-rank skeleton if a caller goes through HF's own loading.
+    """
+    try:
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError:  # pragma: no cover - a transformers without the registration API
+        return
+    if MODEL_TYPE in AUTO_QUANTIZER_MAPPING:
+        return
+
+    @register_quantization_config(MODEL_TYPE)
+    class FlashSVDQuantizationConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` block of a flashsvd checkpoint (see ``checkpoint.py``)."""
+
+        def __init__(self, ranks: dict[str, int | None] | None = None, **kwargs: Any) -> None:
+            self.quant_method = MODEL_TYPE
+            self.ranks = dict(ranks or {})
+            for k, v in kwargs.items():
+                if k != "quant_method":
+                    setattr(self, k, v)
+
+        def to_dict(self) -> dict[str, Any]:
+            d = dict(self.__dict__)
+            d["quant_method"] = MODEL_TYPE
+            return d
+
+    @register_quantizer(MODEL_TYPE)
+    class FlashSVDQuantizer(HfQuantizer):
+        """Rebuilds the low-rank skeleton before HF loads the weights."""
+
+        requires_calibration = False
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from flashsvd.models.checkpoint import rebuild_lowrank
+
+            rebuild_lowrank(model, self.quantization_config.ranks)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            from flashsvd.models.backend import set_backend
+
+            set_backend(model, "torch")
+            return model
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True

@@ -103,8 +103,9 @@ def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None
     keep = mask if mask.dtype == torch.bool else (mask == 0) if mask.dim() == 4 else mask.to(torch.bool)
     if keep.dim() == 4:
         keep = keep.any(dim=-2).any(dim=1)
-    keep = keep[:, -n_keys:].expand(batch, n_keys)
-    return None if bool(keep.all()) else keep.contiguous()
+    # No "all keys real → None" shortcut: reading the answer back is a host sync (it stalls every
+    # eager call and breaks CUDA-graph capture), while the kernels read the mask almost for free.
+    return keep[:, -n_keys:].expand(batch, n_keys).contiguous()
 
 
 #: the keyword under which HF attention modules receive the KV cache, newest first: transformers 5.24
@@ -126,19 +127,30 @@ class RopeTables:
 
     One instance is shared by all attention blocks using the same rotary module (and ``layer_type``
     for ModernBERT); tables are cached and grown by doubling, except for dynamic RoPE types whose
-    frequencies depend on the sequence length (rebuilt every call).
+    frequencies depend on the sequence length (rebuilt every call).  ``min_positions`` (the model's
+    ``max_position_embeddings``) sizes the first table so that a model's positions never need a
+    host-side ``positions.max()`` (a device sync) to size it.
     """
 
-    def __init__(self, rotary: nn.Module, layer_type: str | None = None, dynamic: bool = False) -> None:
+    def __init__(
+        self,
+        rotary: nn.Module,
+        layer_type: str | None = None,
+        dynamic: bool = False,
+        min_positions: int = 256,
+    ) -> None:
         self.rotary, self.layer_type, self.dynamic = rotary, layer_type, dynamic
+        self.min_positions = int(min_positions)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, n_positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._table
+        if not self.dynamic:
+            n_positions = max(n_positions, self.min_positions)
         if (not self.dynamic and t is not None and t[0].shape[0] >= n_positions
                 and t[0].device == like.device and t[0].dtype == like.dtype):  # fmt: skip
             return t
-        size = n_positions if self.dynamic else max(256, 1 << (n_positions - 1).bit_length())
+        size = n_positions if self.dynamic else 1 << (n_positions - 1).bit_length()
         pos = torch.arange(size, device=like.device)[None]
         args = (like, pos) if self.layer_type is None else (like, pos, self.layer_type)
         cos, sin = self.rotary(*args)
@@ -204,9 +216,12 @@ class FlashAttention(FlashBlock):
         kwargs.update(zip(self._arg_names, args))
         q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
         B, M = hidden_states.shape[:2]
-        pq = q.project(hidden_states).unflatten(-1, (q.n_heads, q.rank))
-        pk = k.project(hidden_states).unflatten(-1, (k.n_heads, k.rank))
-        pv = v.project(hidden_states).unflatten(-1, (v.n_heads, v.rank))
+        # One GEMM for the three rank-space projections (x·[u_q | u_k | u_v]).
+        p = hidden_states @ self._fused_u(q, k, v)
+        pq, pk, pv = p.split([q.u.shape[1], k.u.shape[1], v.u.shape[1]], dim=-1)
+        pq = pq.unflatten(-1, (q.n_heads, q.rank))
+        pk = pk.unflatten(-1, (k.n_heads, k.rank))
+        pv = pv.unflatten(-1, (v.n_heads, v.rank))
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
         if positions is None:
@@ -214,25 +229,34 @@ class FlashAttention(FlashBlock):
             positions = torch.arange(start, start + M, device=hidden_states.device)[None]
         positions = positions.to(torch.long).expand(B, M)
         key_positions = positions
+        decode = self._use_decode_kernel(cache, M, pq)
+        lengths, mask = None, kwargs.get("attention_mask")
         if cache is not None:
             layer = rank_space_layer(cache, self.layer_idx)
             pk, pv = layer.update(pk, pv, positions=positions)
             key_positions = layer.positions
+            if layer.static and decode:
+                # Whole buffers, device lengths, fixed launch size: a captured step replays right.
+                store = layer.store
+                pk, pv, key_positions, lengths = store.pk, store.pv, store.positions, store.lengths
+            elif layer.static and mask is not None:
+                mask = mask[..., : pk.shape[1]]  # HF's static mask spans the capacity
         N = pk.shape[1]
-        key_valid = key_valid_from_hf_mask(kwargs.get("attention_mask"), B, N)
+        key_valid = key_valid_from_hf_mask(mask, B, N)
         rope = None
         if self.rope is not None:
-            n_pos = int(max(int(positions.max()), int(key_positions.max()))) + 1
-            rope = self.rope(n_pos, hidden_states)
+            # HF positions never exceed their cache slot (left padding only lowers them), so the key
+            # count bounds them without reading positions back from the device.
+            rope = self.rope(N, hidden_states)
         factors = (q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v))
         rope_kw = dict(
             rope=rope,
             positions=positions if rope is not None else None,
             key_positions=key_positions if rope is not None else None,
         )
-        if self._use_decode_kernel(cache, M, pq):
+        if decode:
             out = lowrank_attention_decode(
-                pq, (pk, pv), *factors, key_padding_mask=key_valid, scale=self.scale,
+                pq, (pk, pv), *factors, lengths=lengths, key_padding_mask=key_valid, scale=self.scale,
                 backend=self.kernel_backend, **rope_kw,
             )  # fmt: skip
         else:
@@ -246,6 +270,19 @@ class FlashAttention(FlashBlock):
         for path in self._post:
             out = get_module(self, path)(out)
         return out, None
+
+    def _fused_u(self, q: LowRankLinear, k: LowRankLinear, v: LowRankLinear) -> torch.Tensor:
+        """``[u_q | u_k | u_v]``, cached until a factor changes (rebuilt, differentiable, when training)."""
+        us = (q.u, k.u, v.u)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(u.requires_grad for u in us)):
+            return torch.cat(us, dim=1)
+        key = tuple((u.data_ptr(), u._version, u.shape, u.dtype) for u in us)
+        cached = self.__dict__.get("_qkv_u")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.cat(us, dim=1))
+            self.__dict__["_qkv_u"] = cached  # not a buffer: outside the state dict
+        return cached[1]
 
     def _use_decode_kernel(self, cache, n_new: int, pq: torch.Tensor) -> bool:
         """A cached causal step of few tokens, without autograd (the decode kernel has no backward)."""
@@ -277,6 +314,8 @@ class FlashFFN(FlashBlock):
             ``swiglu``/``geglu``).
         post: paths (relative to this block) applied to the result (dropout).
         linears: ``{role: module}`` when the layers are not children of ``original``.
+        policy: fused kernel vs cuBLAS chain per call shape (:mod:`flashsvd.kernels.ffn_policy`):
+            ``"balanced"``, ``"fastest"`` or ``"leanest"``.
     """
 
     def __init__(
@@ -287,6 +326,7 @@ class FlashFFN(FlashBlock):
         activation: str,
         post: Sequence[str] = (),
         backend: str = "auto",
+        policy: str = "balanced",
     ) -> None:
         super().__init__(original)
         for role, lin in linears.items():
@@ -294,6 +334,7 @@ class FlashFFN(FlashBlock):
                 raise TypeError(f"FFN {role} must be a LowRankLinear, got {type(lin).__name__}")
         object.__setattr__(self, "_linears", dict(linears))
         self.kernel_activation, self._post, self.kernel_backend = activation, tuple(post), backend
+        self.policy = policy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         li = self._linears
@@ -301,11 +342,13 @@ class FlashFFN(FlashBlock):
         if "gate" in li:
             g, u = li["gate"], li["up"]
             f = GatedFFNFactors(g.u, g.v, g.bias, u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_gated_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+            out = lowrank_gated_ffn(
+                x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy
+            )
         else:
             u = li["up"]
             f = FFNFactors(u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend)
+            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy)
         for path in self._post:
             out = get_module(self, path)(out)
         return out

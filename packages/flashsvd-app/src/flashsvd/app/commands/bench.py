@@ -78,7 +78,7 @@ def run(**kw) -> None:
     from flashsvd.app.console import Console, mib, silence_libraries
     from flashsvd.app.errors import AppError
     from flashsvd.app.measurement import measure_forward
-    from flashsvd.app.outputs import write_text_atomic
+    from flashsvd.app.outputs import check_writable, write_text_atomic
     from flashsvd.app.runtime import resolve_device, resolve_dtype, timestamp, versions
 
     console = Console(kw["quiet"], kw["json_out"])
@@ -87,6 +87,7 @@ def run(**kw) -> None:
     wanted = [v.strip() for v in kw["variants"].split(",") if v.strip()]
     if not wanted or set(wanted) - {"dense", "torch", "flash"}:
         raise AppError(f"--variants must be a subset of dense,torch,flash, got {kw['variants']!r}")
+    check_writable(Path(kw["output_dir"]) / "bench.csv", "--output-dir")  # before the work, not after
     device = resolve_device(kw["device"])
     dtype = resolve_dtype(kw["dtype"], device)
     source = modelio.resolve(kw["model"])

@@ -12,13 +12,22 @@ from flashsvd.app.errors import guarded
 
 HELP = """Compress a model with an SVD-family method and save a checkpoint.
 
+Recipe: without --method or --recipe, the best recipe we measured for the model's family (encoders:
+whiten, loss-curve ranks, Q/K dense, centered fit, output Fisher; decoders: whiten, loss-curve ranks),
+with ranks rounded to multiples of 8; --recipe takes a JSON/YAML recipe file or a built-in name
+(encoder, decoder, svd); --method alone means that method with uniform ranks (ars: ARS ranks, whitened
+factors). `flashsvd info` prints the recipe a checkpoint was made with.
+
 Ranks: one of --keep-ratio (fraction of the targeted layers' parameters kept; default 0.5), --rank
 (unified: attention r, FFN/output 6r), --rank-attn/--rank-ffn/--rank-wo (per type), --ranks-json
-(per module). Data-aware methods (fwsvd, whiten, svdllm, asvd, ars) calibrate on --task data or
---calib-data; fwsvd also needs a task loss, so with --task a headless model gets a classification head.
+(per module). Data-aware recipes calibrate on --task data or --calib-data (never calibrate on the data
+you score); fwsvd also needs a task loss, so with --task a headless model gets a classification head.
 
 \b
 Examples:
+  flashsvd compress --keep-ratio 0.75 --calib-data ../shared/data/sst2/train.tsv
+  flashsvd compress -m smollm2 --keep-ratio 0.8 --calib-data ../shared/data/sst2/train.tsv
+  flashsvd compress --recipe my_recipe.yaml --keep-ratio 0.6 --calib-data notes.txt
   flashsvd compress --method svd --keep-ratio 0.75
   flashsvd compress --model default --method whiten --keep-ratio 0.6 --task stsb --calib-samples 64
   flashsvd compress -m bert-base-uncased --method fwsvd --task sst2 --rank 64 --output out/bert_fw
@@ -28,7 +37,16 @@ Examples:
 
 def compress(
     model: O.Model = None,
-    method: Annotated[str, typer.Option("--method", help="svd, fwsvd, whiten, svdllm, asvd or ars.")] = "svd",
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="svd, fwsvd, whiten, svdllm, asvd or ars (default: the recipe's)."),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe", help="Recipe: a JSON/YAML file or encoder, decoder, svd (default: by family)."
+        ),
+    ] = None,
     keep_ratio: Annotated[
         float | None,
         typer.Option("--keep-ratio", help="Fraction of the targeted layers' parameters to keep."),
@@ -47,13 +65,28 @@ def compress(
         Path | None,
         typer.Option("--calib-data", help="Calibration text: .txt (a line each), .jsonl, .tsv, .csv."),
     ] = None,
+    calib_text_column: Annotated[
+        str | None,
+        typer.Option(
+            "--calib-text-column",
+            help="Column of --calib-data (.tsv/.csv/.jsonl) holding the text: a header name or 0-based index "
+            "(default: the sentence/text/question columns named in the header).",
+        ),
+    ] = None,
     calib_samples: Annotated[
-        int, typer.Option("--calib-samples", min=1, help="Calibration texts to use.")
-    ] = 128,
-    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", min=1, help="Texts per batch.")] = 16,
+        int | None,
+        typer.Option(
+            "--calib-samples",
+            min=1,
+            help="Calibration texts (token windows for decoders); default: the recipe's.",
+        ),
+    ] = None,
+    calib_batch_size: Annotated[
+        int | None, typer.Option("--calib-batch-size", min=1, help="Texts per batch (default: the recipe's).")
+    ] = None,
     calib_max_length: Annotated[
-        int, typer.Option("--calib-max-length", min=8, help="Tokens per text.")
-    ] = 128,
+        int | None, typer.Option("--calib-max-length", min=8, help="Tokens per text (default: the recipe's).")
+    ] = None,
     sequential: Annotated[
         bool,
         typer.Option("--sequential", help="Calibrate block by block on the compressed prefix (less memory)."),
@@ -93,6 +126,7 @@ def _run(**kw) -> None:
         RankChoice,
         compress_model,
         default_output,
+        load_recipe_option,
         needs_task_head,
         report_rows,
         save_checkpoint,
@@ -100,7 +134,7 @@ def _run(**kw) -> None:
     )
     from flashsvd.app.console import Console, silence_libraries
     from flashsvd.app.errors import AppError
-    from flashsvd.app.outputs import atomic_dir
+    from flashsvd.app.outputs import atomic_dir, check_output_dir
     from flashsvd.app.runtime import provenance, resolve_device, resolve_dtype
     from flashsvd.app.tasks.registry import get_task
     from flashsvd.methods.distributed import is_main_process
@@ -111,13 +145,14 @@ def _run(**kw) -> None:
     by_kind = {k: kw[f"rank_{k}"] for k in ("attn", "ffn", "wo") if kw[f"rank_{k}"] is not None}
     ranks = RankChoice(kw["keep_ratio"], kw["rank"], by_kind, kw["ranks_json"])
     ranks.check()
-    method = kw["method"].lower()
+    method = kw["method"].lower() if kw["method"] else None
     from flashsvd.methods import METHODS
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise AppError(
             f"unknown method {kw['method']!r}", hint="choose one of: " + ", ".join(sorted(METHODS))
         )
+    recipe = load_recipe_option(kw["recipe"]) if kw["recipe"] else None
     source = modelio.resolve(kw["model"])
     if source.kind == "flashsvd":
         raise AppError(
@@ -125,29 +160,35 @@ def _run(**kw) -> None:
         )
     spec = get_task(kw["task"]) if kw["task"] else None
     device = resolve_device(kw["device"])
-    dtype = resolve_dtype(kw["dtype"], device)
-    out = Path(kw["output"]) if kw["output"] else default_output(source.name, method, ranks)
-    # fail before the expensive part
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not kw["overwrite"]:
-        raise AppError(f"output {out} already exists", hint="pass --overwrite or choose another --output.")
+    dtype = resolve_dtype(kw["dtype"], device, modelio.saved_dtype(source))
+    label = method or (recipe.name if recipe is not None else "default")
+    out = Path(kw["output"]) if kw["output"] else default_output(source.name, label, ranks)
+    check_output_dir(out, kw["overwrite"])  # fail before the expensive part
+    if kw["calib_text_column"] is not None and kw["calib_data"] is None:
+        raise AppError("--calib-text-column names a column of --calib-data, which is not given")
+    if kw["calib_data"] is not None:  # a wrong column or a non-text file fails before the model loads
+        from flashsvd.app.tasks.data import calibration_texts
+
+        calibration_texts(kw["calib_data"], kw["calib_samples"], kw["calib_text_column"])
 
     head, num_labels = "auto", None
     if (
         spec
         and spec.kind != "perplexity"
-        and needs_task_head(method)
+        and needs_task_head(method or (recipe.method if recipe is not None else "whiten"))
         and modelio.model_head(source) == "base"
     ):
         head, num_labels = "classification", spec.num_labels
-        console.info(f"{method} weights by the {spec.name} loss: adding an (untrained) classification head")
+        console.info(f"{label} weights by the {spec.name} loss: adding an (untrained) classification head")
     console.info(f"loading {source.name} ({source.location})")
     m = modelio.load(source, head=head, num_labels=num_labels, dtype=dtype).to(device)
     tok = modelio.load_tokenizer(source)
     m, report = compress_model(
         m, tok, method, ranks, console, task=kw["task"], calib_data=kw["calib_data"],
+        calib_text_column=kw["calib_text_column"],
         calib_samples=kw["calib_samples"], calib_batch_size=kw["calib_batch_size"],
-        calib_max_length=kw["calib_max_length"], data_dir=kw["data_dir"], sequential=kw["sequential"],
-        seed=kw["seed"],
+        calib_max_length=kw["calib_max_length"], data_dir=kw["data_dir"], sequential=kw["sequential"] or None,
+        seed=kw["seed"], recipe=recipe,
     )  # fmt: skip
     result = {
         "output": str(out),

@@ -68,7 +68,7 @@ def run(**kw) -> None:
     from flashsvd.app.console import Console, mib, silence_libraries
     from flashsvd.app.evaluation import model_facts
     from flashsvd.app.measurement import DEFINITIONS, measure_forward
-    from flashsvd.app.outputs import write_json_atomic
+    from flashsvd.app.outputs import check_result_file, write_json_atomic
     from flashsvd.app.runtime import provenance, resolve_device
     from flashsvd.app.tasks import runner
     from flashsvd.app.tasks.data import Columns, load_examples
@@ -76,6 +76,8 @@ def run(**kw) -> None:
 
     console = Console(kw["quiet"], kw["json_out"])
     silence_libraries()
+    if kw["output"] is not None:  # checked before the work, not after it
+        check_result_file(Path(kw["output"]))
     device = resolve_device(kw["device"])
     backend = "flash" if device.type == "cuda" else "torch"
     names = [m.strip().lower() for m in kw["methods"].split(",") if m.strip()]

@@ -92,9 +92,50 @@ def default_output_dir(source, model, spec) -> Path:
     return Path("models") / "finetuned" / arch / method / name
 
 
+def prepare_output_dir(out: Path, cfg, resume: bool, overwrite: bool, console) -> Path | None:
+    """Decide what happens to an existing ``out``; returns the checkpoint to resume from, if any.
+
+    A run with a checkpoint resumes (with the same hyper-parameters) unless --no-resume; --overwrite
+    starts over; a run stopped before its first checkpoint starts over by itself (its best/ stays until
+    the new run's first evaluation replaces it). Folders that are not fine-tune runs are never touched.
+    """
+    import shutil
+
+    from flashsvd.app.errors import AppError
+    from flashsvd.app.outputs import check_writable, clean_stale_partials, is_leftover
+    from flashsvd.app.training import check_resume_config, is_run_folder, latest_checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise AppError(f"--output-dir {out} is a file", hint="choose a folder for the run.")
+    check_writable(out / "runs", "--output-dir")
+    if not out.is_dir() or not any(p for p in out.iterdir() if not is_leftover(p)):
+        return None
+    if not is_run_folder(out):
+        raise AppError(
+            f"--output-dir {out} holds files that `flashsvd finetune` did not write; refusing to use it"
+            + (" even with --overwrite" if overwrite else ""),
+            hint="choose another --output-dir, or move those files away yourself.",
+        )
+    for folder in (out, *(p for p in out.iterdir() if p.is_dir() and not is_leftover(p))):
+        clean_stale_partials(folder)
+    latest = latest_checkpoint(out)
+    if latest is not None and resume:
+        check_resume_config(latest, cfg)
+        return latest
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    if latest is None:
+        console.info(
+            f"{out} holds no complete checkpoint (the last run stopped before its first): starting over"
+        )
+        return None
+    raise AppError(f"{out} already holds a run and --no-resume was given",
+                   hint="pass --overwrite as well to start over, or another --output-dir.")  # fmt: skip
+
+
 @guarded
 def run(**kw) -> None:
-    import shutil
     import time
 
     from flashsvd.app import modelio
@@ -129,26 +170,17 @@ def run(**kw) -> None:
         )
     tokenizer = modelio.load_tokenizer(source)
     out = Path(kw["output_dir"]) if kw["output_dir"] else default_output_dir(source, model, spec)
-    resume_from = latest_checkpoint(out) if out.exists() else None
-    if out.exists() and any(out.iterdir()):
-        if resume_from is not None and kw["resume"]:
-            model = modelio.load(modelio.resolve(str(resume_from)), head="classification",
-                                 num_labels=spec.num_labels, backend="torch")  # fmt: skip
-        elif kw["overwrite"]:
-            shutil.rmtree(out)
-            resume_from = None
-        else:
-            raise AppError(f"{out} already holds a run" + (" without a checkpoint to resume" if kw["resume"] else ""),
-                           hint="pass --overwrite to start over, or another --output-dir.")  # fmt: skip
-    else:
-        resume_from = None
-    model.to(device)
     cfg = TrainConfig(
         epochs=kw["epochs"], learning_rate=kw["learning_rate"], batch_size=kw["batch_size"],
         warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"], max_steps=kw["max_steps"],
         eval_steps=kw["eval_steps"], early_stopping=kw["early_stopping"], patience=kw["patience"],
         max_length=kw["max_length"], train_all=kw["train_all"] or source.kind != "flashsvd", seed=kw["seed"],
     )  # fmt: skip
+    resume_from = prepare_output_dir(out, cfg, kw["resume"], kw["overwrite"], console)
+    if resume_from is not None:
+        model = modelio.load(modelio.resolve(str(resume_from)), head="classification",
+                             num_labels=spec.num_labels, backend="torch")  # fmt: skip
+    model.to(device)
     console.info(f"training {source.name} on {len(train_data)} {spec.name} examples ({train_data.source}); "
                  f"dev {len(dev)} ({dev.source}); output {out}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +189,11 @@ def run(**kw) -> None:
         state = train(model, tokenizer, spec, train_data, dev, cfg, out, device, console, resume_from)
     except KeyboardInterrupt:
         latest = latest_checkpoint(out)
-        where = f"; rerun the same command to resume from {latest}" if latest else ""
-        raise AppError(f"interrupted: complete checkpoints are kept in {out}{where}", exit_code=130) from None
+        if latest is not None:
+            msg = f"interrupted: complete checkpoints are kept in {out}; rerun the same command to resume from {latest}"
+        else:
+            msg = f"interrupted before the first checkpoint: nothing to resume in {out}; rerun to start over"
+        raise AppError(msg, exit_code=130) from None
     result = {
         "output_dir": str(out),
         "best": str(out / "best"),

@@ -30,6 +30,52 @@ def info(
     run(**locals())
 
 
+def _count_stored(path: Path) -> tuple[int, int]:
+    """``(parameters, tensors)`` in a safetensors file, from its header; a damaged file is an error."""
+    from safetensors import safe_open
+
+    from flashsvd.app.errors import AppError
+
+    size = path.stat().st_size
+    params, count, end = 0, 0, 0
+    try:
+        with safe_open(str(path), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = fh.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= int(d)
+                params += n
+                count += 1
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on bad files
+        raise AppError(
+            f"{path} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+            hint="the file is truncated or damaged (an interrupted copy or download?): copy or save it again.",
+        ) from None
+    header = _header_length(path)
+    if header is not None:
+        import json
+
+        with open(path, "rb") as fh:
+            fh.seek(8)
+            meta = json.loads(fh.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end > size:
+            raise AppError(
+                f"{path} is truncated: its header describes {8 + header + end:,} bytes, the file has {size:,}",
+                hint="copy or save the checkpoint again.",
+            )
+    return params, count
+
+
+def _header_length(path: Path) -> int | None:
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+    return struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+
+
 def describe(folder: Path) -> dict:
     """Everything ``info`` reports, as a dictionary."""
     import json
@@ -54,17 +100,10 @@ def describe(folder: Path) -> dict:
         "total_bytes": sum(p.stat().st_size for p in files),
     }
     tensors, stored = 0, 0
-    for st in folder.glob("*.safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(st), "pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shape = fh.get_slice(key).get_shape()
-                n = 1
-                for d in shape:
-                    n *= int(d)
-                tensors += n
-                stored += 1
+    for st in sorted(folder.glob("*.safetensors")):
+        n_params, n_tensors = _count_stored(st)
+        tensors += n_params
+        stored += n_tensors
     out["stored_parameters"] = tensors
     out["stored_tensors"] = stored
     if block is not None:
@@ -81,6 +120,8 @@ def describe(folder: Path) -> dict:
             format_version=block.get("format_version"),
             versions=block.get("versions"),
             calibration=block.get("calibration"),
+            recipe=block.get("recipe"),
+            allocation=block.get("allocation"),
             ranks=ranks,
             ranks_summary={
                 "factorized": len(values),
@@ -99,14 +140,31 @@ def describe(folder: Path) -> dict:
     report = folder / REPORT_FILE
     if report.is_file():
         try:
-            rep = json.loads(report.read_text())
+            rep = json.loads(report.read_text(encoding="utf-8"))
             out["made"] = {k: rep.get(k) for k in ("timestamp", "git_commit", "task", "calib_data", "source")}
-        except json.JSONDecodeError:
-            out["made"] = {"problem": f"{REPORT_FILE} is not valid JSON"}
+            if block is not None and not out.get("recipe"):
+                out["recipe"] = (rep.get("report") or {}).get("recipe")
+        except (ValueError, AttributeError):
+            out["made"] = {"problem": f"{REPORT_FILE} is not a valid JSON report"}
     state = folder / "trainer_state.json"
     if state.is_file():
-        out["training"] = json.loads(state.read_text())
+        try:
+            out["training"] = json.loads(state.read_text(encoding="utf-8"))
+        except ValueError:
+            out["training"] = {"problem": "trainer_state.json is not valid JSON"}
     return out
+
+
+def recipe_line(recipe: dict | None) -> str:
+    """One line describing a stored recipe (or why there is none)."""
+    if not recipe:
+        return "not recorded (made before recipes)"
+    from flashsvd.models.recipe import Recipe, RecipeError
+
+    try:
+        return Recipe.from_json(recipe).describe()
+    except RecipeError:
+        return str(recipe)
 
 
 @guarded
@@ -125,6 +183,7 @@ def run(**kw) -> None:
             ("targeted kept fraction", d["kept_fraction"]),
             ("params before → after", f"{d['params_before']:,} → {d['params_after']:,}"),
             ("matrices factorized / dense", f"{rs['factorized']} / {rs['dense']}"),
+            ("recipe", recipe_line(d.get("recipe"))),
             ("ranks", ", ".join(map(str, rs["distinct"]))),
             ("format version", d["format_version"]),
             ("made with", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),

@@ -37,6 +37,10 @@ def ui(
 
 @guarded
 def run(**kw) -> None:
+    import os
+
+    # before gradio is imported: no usage statistics leave the machine unless the user opts in
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from flashsvd.app.ui import launch
 
     launch(root=kw["root"], data_dir=kw["data_dir"], host=kw["host"], port=kw["port"], share=kw["share"])

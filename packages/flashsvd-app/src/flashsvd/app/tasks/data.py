@@ -9,6 +9,8 @@ may be TSV (GLUE layouts, with or without a header), CSV (with a header), JSONL,
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import os
 import random
@@ -47,6 +49,8 @@ class Examples:
     pairs: list[str] | None
     labels: list[float]
     source: str
+    #: the split actually read when the asked one had no file and a fallback was used (else None)
+    fallback_split: str | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -63,6 +67,7 @@ class Examples:
             None if self.pairs is None else [self.pairs[i] for i in keep],
             [self.labels[i] for i in keep],
             f"{self.source} ({n} of {len(self)}, seed {seed})",
+            self.fallback_split,
         )
 
 
@@ -96,10 +101,21 @@ def locate(
     fallback_splits: tuple[str, ...] = (),
 ) -> Path | None:
     """A local file for the task, or None when the caller should try ``datasets``; errors on bad paths."""
+    return locate_split(spec, split, data_file, data_dir, fallback_splits)[0]
+
+
+def locate_split(
+    spec: TaskSpec,
+    split: str,
+    data_file: Path | None,
+    data_dir: Path | None,
+    fallback_splits: tuple[str, ...] = (),
+) -> tuple[Path | None, str]:
+    """``(file or None, the split it holds)``: the asked split first, then each fallback split in turn."""
     if data_file is not None:
         if not Path(data_file).is_file():
             raise AppError(f"--data-file {data_file} does not exist")
-        return Path(data_file)
+        return Path(data_file), split
     dirs = []
     if data_dir is not None:
         if not Path(data_dir).is_dir():
@@ -107,11 +123,11 @@ def locate(
         dirs.append(Path(data_dir))
     elif DEFAULT_DATA_DIR.is_dir():
         dirs.append(DEFAULT_DATA_DIR)
-    for d in dirs:
-        for s in (split, *fallback_splits):
+    for s in (split, *fallback_splits):
+        for d in dirs:
             found = find_local_file(spec, s, d)
             if found is not None:
-                return found
+                return found, s
     if data_dir is not None:
         wanted = ", ".join(spec.splits.get(split, ()))
         raise AppError(
@@ -119,7 +135,7 @@ def locate(
             hint=f"expected one of [{wanted}] in {data_dir}/{spec.data_folder}/ or {data_dir}/; "
             "or pass --data-file.",
         )
-    return None
+    return None, split
 
 
 def _no_data(spec: TaskSpec, why: str) -> AppError:
@@ -161,24 +177,24 @@ def load_examples(
     if spec.kind == "perplexity":
         raise AppError(f"task {spec.name} is raw text: use load_text")
     columns = columns or Columns()
-    path = locate(spec, split, data_file, data_dir, fallback_splits)
+    path, used = locate_split(spec, split, data_file, data_dir, fallback_splits)
     if path is None:
         ds = _load_hf(spec, split)
         rows = [dict(r) for r in ds]
         return _from_records(spec, rows, columns, f"datasets:{spec.hf_path}/{spec.hf_name}[{split}]")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-        return _from_records(spec, rows, columns, str(path))
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        return _from_records(spec, rows, columns, str(path))
-    return _from_tsv(spec, path, columns)
+        examples = _from_records(spec, _read_jsonl(path), columns, str(path))
+    elif suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+        examples = _from_records(spec, rows, columns, str(path))
+    else:
+        examples = _from_tsv(spec, path, columns)
+    return examples if used == split else dataclasses.replace(examples, fallback_split=used)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path).strip()
     if text.startswith("["):
         return json.loads(text)
     rows = []
@@ -227,8 +243,7 @@ def _from_records(spec: TaskSpec, rows: list[dict], columns: Columns, source: st
 
 
 def _from_tsv(spec: TaskSpec, path: Path, columns: Columns) -> Examples:
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = [ln.rstrip("\r\n") for ln in fh]
+    lines = [ln.rstrip("\r") for ln in read_text(path).split("\n")]
     lines = [ln for ln in lines if ln.strip()]
     if not lines:
         raise AppError(f"{path} is empty")
@@ -324,32 +339,148 @@ def load_text(
     if path.suffix.lower() in (".jsonl", ".json"):
         lines = [str(r.get("text", "")) for r in _read_jsonl(path)]
     else:
-        raw = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        raw = read_text(path).replace("\r\n", "\n")
         lines = raw.splitlines(keepends=True)
     return "\n\n".join(lines), str(path)
 
 
-def calibration_texts(path: Path, limit: int | None = None) -> list[str]:
-    """Texts for calibration from a file: one per line (.txt), a ``text`` field (.jsonl) or column 0 (.tsv/.csv)."""
-    if not Path(path).is_file():
-        raise AppError(f"--calib-data {path} does not exist")
-    suffix = Path(path).suffix.lower()
+#: header names of text columns, most specific first; pairs are used together
+CALIB_TEXT_HEADERS = (
+    ("sentence",), ("text",), ("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+    ("question",), ("premise", "hypothesis"), ("content",), ("document",),
+)  # fmt: skip
+
+
+def read_text(path: Path, what: str = "") -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 text is an error that names it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AppError(
+            f"{what + ' ' if what else ''}{path} is not UTF-8 text (byte {err.start}: {err.reason})",
+            hint="pass a UTF-8 text file (convert it with `iconv -t UTF-8`).",
+        ) from None
+    except IsADirectoryError:
+        raise AppError(f"{what + ' ' if what else ''}{path} is a folder, not a file") from None
+
+
+def _looks_like_text(values: list[str]) -> bool:
+    """Most values hold a word: not numbers, ids or labels (a column of ``0, 1, 2`` is not text)."""
+    sample = [v.strip() for v in values[:200] if v and v.strip()]
+    if not sample:
+        return False
+    wordy = sum(1 for v in sample if sum(c.isalpha() for c in v) >= 2 and not _is_number(v))
+    return wordy >= 0.8 * len(sample)
+
+
+def _looks_like_sentences(values: list[str]) -> bool:
+    """Text of several words (what a hint should point at, rather than a genre or file-name column)."""
+    sample = [v.strip() for v in values[:200] if v and v.strip()]
+    return _looks_like_text(values) and sum(len(v.split()) >= 3 for v in sample) >= 0.5 * len(sample)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _calib_table(path: Path) -> tuple[list[str] | None, list[list[str]]]:
+    """``(header or None, rows)`` of a .tsv/.csv/.jsonl file; a header is a first row naming known columns."""
+    suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(Path(path))
-        texts = [str(r.get("text") or r.get("sentence") or next(iter(r.values()))) for r in rows]
-    elif suffix in (".tsv", ".csv"):
-        delim = "\t" if suffix == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(
-                fh, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+        records = [r for r in _read_jsonl(path) if isinstance(r, dict)]
+        if not records:
+            return None, []
+        keys = list(records[0])
+        return keys, [["" if r.get(k) is None else str(r.get(k)) for k in keys] for r in records]
+    delim = "\t" if suffix == ".tsv" else ","
+    text = read_text(path, "--calib-data")
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter=delim,
+        quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL,
+    )
+    rows = [r for r in reader if r]
+    known = {name for group in CALIB_TEXT_HEADERS for name in group} | {
+        "label",
+        "score",
+        "index",
+        "idx",
+        "id",
+    }
+    if rows and {c.strip().lower() for c in rows[0]} & known:
+        return [c.strip() for c in rows[0]], rows[1:]
+    return None, rows
+
+
+def _calib_columns(
+    path: Path, header: list[str] | None, rows: list[list[str]], column: str | None
+) -> list[int]:
+    """Indices of the text column(s) to calibrate on (see :func:`calibration_texts`)."""
+    width = max((len(r) for r in rows), default=0)
+    if column is not None:
+        if column.isdigit():
+            if int(column) >= width:
+                raise AppError(f"--calib-text-column {column}: {path} has {width} columns (0..{width - 1})")
+            return [int(column)]
+        names = [h.lower() for h in header or []]
+        if column.lower() not in names:
+            raise AppError(
+                f"--calib-text-column {column!r} is not a column of {path}",
+                hint=f"columns there: {header}"
+                if header
+                else "the file has no header: pass a 0-based index.",
             )
-            rows = list(reader)
-        if rows and rows[0] and rows[0][0].lower() in ("sentence", "text", "sentence1", "question", "index"):
-            rows = rows[1:]
-        texts = [r[0] for r in rows if r]
+        return [names.index(column.lower())]
+    if header is not None:
+        names = [h.lower() for h in header]
+        for group in CALIB_TEXT_HEADERS:
+            if all(g in names for g in group):
+                return [names.index(g) for g in group]
+    return [0]
+
+
+def calibration_texts(
+    path: Path, limit: int | None = None, column: str | None = None
+) -> tuple[list[str], list[str]]:
+    """``(texts, column names)`` for calibration from a file.
+
+    ``.txt``: one text per line. ``.tsv``/``.csv``/``.jsonl``: the ``column`` (header name or 0-based index),
+    else the text columns named in the header (``sentence``, ``text``, ``sentence1`` + ``sentence2``,
+    ``question``, ...), else column 0. Whatever the choice, a column that does not hold text (an index,
+    labels, scores) is refused rather than silently calibrating on numbers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AppError(f"--calib-data {path} does not exist")
+    used: list[str] = []
+    if path.suffix.lower() in (".jsonl", ".json", ".tsv", ".csv"):
+        header, rows = _calib_table(path)
+        idx = _calib_columns(path, header, rows, column)
+        used = [header[i] if header is not None and i < len(header) else str(i) for i in idx]
+        columns = [[r[i] if i < len(r) else "" for r in rows] for i in idx]
+        for i, values, name in zip(idx, columns, used):
+            if not _looks_like_text(values):
+                examples = ", ".join(repr(v) for v in values[:3])
+                guess = [
+                    str(j) for j in range(max((len(r) for r in rows), default=0))
+                    if _looks_like_sentences([r[j] if j < len(r) else "" for r in rows])
+                ]  # fmt: skip
+                raise AppError(
+                    f"--calib-data {path}: column {name!r} (index {i}) does not hold text ({examples}, ...)",
+                    hint="name the text column with --calib-text-column"
+                    + (f" (text-like columns: {', '.join(guess)})" if guess else "")
+                    + "; a header line naming a `sentence` or `text` column is picked up by itself.",
+                )
+        texts = [t for row in zip(*columns) for t in row]  # pairs stay together under --calib-samples
+    elif column is not None:
+        raise AppError(f"--calib-text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
     else:
-        texts = Path(path).read_text(encoding="utf-8").splitlines()
+        texts = read_text(path, "--calib-data").splitlines()
     texts = [t for t in (t.strip() for t in texts) if t]
     if not texts:
         raise AppError(f"--calib-data {path} holds no text")
-    return texts[:limit] if limit else texts
+    return (texts[:limit] if limit else texts), used

@@ -23,9 +23,15 @@ def workspace(root: str | Path = ".", data_dir: str | Path | None = None) -> Wor
 
 
 def create_ui(root: str | Path = ".", data_dir: str | Path | None = None) -> gr.Blocks:
-    """The UI over the workspace ``root`` (its compressed_models/, models/finetuned/, results/)."""
+    """The UI over the workspace ``root`` (its compressed_models/, models/finetuned/, results/).
+
+    Analytics are off: nothing leaves the machine unless the user asks for a public link (``--share``).
+    The partial saves of killed jobs are removed first, so they neither fill the disk nor show as
+    checkpoints.
+    """
     ws = workspace(root, data_dir)
-    with gr.Blocks(title="FlashSVD") as demo:
+    ws.clean_leftovers()
+    with gr.Blocks(title="FlashSVD", analytics_enabled=False) as demo:
         gr.Markdown("# FlashSVD\nCompress → evaluate → fine-tune → compare low-rank transformers.")
         for title, module in TABS:
             with gr.Tab(title, id=title.lower()):
@@ -35,8 +41,24 @@ def create_ui(root: str | Path = ".", data_dir: str | Path | None = None) -> gr.
 
 
 def launch(root: str | Path = ".", data_dir: str | Path | None = None, host: str = "127.0.0.1",
-           port: int = 7860, share: bool = False, **kwargs):  # fmt: skip
-    """Start the UI; listens on 127.0.0.1 unless ``host`` says otherwise."""
+           port: int = 7860, share: bool = False, block: bool = True, **kwargs) -> gr.Blocks:  # fmt: skip
+    """Start the UI; listens on 127.0.0.1 unless ``host`` says otherwise; ``block`` waits until Ctrl-C.
+
+    Gradio's own start-up lines speak of ``launch(share=True)``; ours name the ``--share`` flag.
+    """
     ws = workspace(root, data_dir)
-    return create_ui(root, data_dir).launch(server_name=host, server_port=port, share=share,
-                                  allowed_paths=[str(p) for p in ws.allowed_roots], **kwargs)  # fmt: skip
+    demo = create_ui(root, data_dir)
+    demo.launch(server_name=host, server_port=port, share=share, quiet=True, prevent_thread_lock=True,
+                allowed_paths=[str(p) for p in ws.allowed_roots], **kwargs)  # fmt: skip
+    print(f"FlashSVD UI running on {demo.local_url}", flush=True)
+    if demo.share_url:
+        print(f"public link (anyone with it can use this UI): {demo.share_url}", flush=True)
+    elif host in ("127.0.0.1", "localhost", "::1"):
+        print("this machine only; `flashsvd ui --share` makes a public link, `--host 0.0.0.0` opens it "
+              "to the network", flush=True)  # fmt: skip
+    else:
+        print(f"listening on {host}: reachable from the network; `flashsvd ui --share` makes a public link",
+              flush=True)  # fmt: skip
+    if block:
+        demo.block_thread()
+    return demo

@@ -37,6 +37,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
+def checkpoint_name(name: str) -> str:
+    """A user-typed checkpoint name as one plain folder name; anything else is refused, never guessed.
+
+    The name becomes ``compressed_models/<name>``: ``.``, ``..``, separators or a leading dot would put the
+    checkpoint somewhere else (or replace the whole folder), so they are errors.
+    """
+    raw = (name or "").strip()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-")
+    if "/" in raw or "\\" in raw or not slug or slug.startswith(".") or not slug.strip("._-"):
+        raise UIError(
+            f"checkpoint name {raw!r} is not a plain folder name: use letters, digits, '-', '_' or '.' "
+            "(not starting with '.', no '/'), or leave it empty for an automatic name"
+        )
+    return slug
+
+
 # --- compress ---------------------------------------------------------------------------------------
 
 
@@ -47,11 +63,16 @@ def compress_args(ws: Workspace, model: str, method: str, keep_ratio: float, cal
     if not 0 < float(keep_ratio) <= 1:
         raise UIError(f"keep ratio must be in (0, 1], got {keep_ratio}")
     model = (model or "default").strip()
-    out = ws.checkpoints / (
-        _slug(name) if name else f"{_slug(Path(model).name)}_{method}_k{float(keep_ratio):g}"
-    )
+    folder = checkpoint_name(name) if (name or "").strip() else None
+    out = ws.checkpoints / (folder or f"{_slug(Path(model).name)}_{method}_k{float(keep_ratio):g}")
+    if out.exists():
+        raise UIError(
+            f"a checkpoint named {out.name!r} already exists in {ws.checkpoints}: type another name, "
+            "or delete the old one in the Checkpoints tab first"
+        )
+    # never --overwrite: the UI replaces nothing behind the user's back
     args = ["compress", "--model", model, "--method", method, "--keep-ratio", f"{float(keep_ratio):g}",
-            "--calib-samples", str(int(calib_samples)), "--output", str(out), "--overwrite"]  # fmt: skip
+            "--calib-samples", str(int(calib_samples)), "--output", str(out)]  # fmt: skip
     if calib_task:
         args += ["--task", calib_task, *ws.data_args()]
     return args, out
@@ -187,13 +208,18 @@ def run_finetune(ws: Workspace, checkpoint: str, task: str, epochs: float, learn
 
 def checkpoint_table(ws: Workspace) -> list[list[Any]]:
     """One row per checkpoint: path, method, keep_ratio, kept fraction, parameters, size on disk."""
+    from flashsvd.app.errors import AppError
     from flashsvd.app.modelio import flashsvd_block, read_config
 
     rows = []
     for folder in ws.list_checkpoints():
-        block = flashsvd_block(read_config(folder)) or {}
+        try:
+            block = flashsvd_block(read_config(folder)) or {}
+            method = block.get("method", "dense")
+        except AppError:  # a damaged folder is listed as such, never breaks the table
+            block, method = {}, "unreadable config.json"
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        rows.append([str(folder), block.get("method", "dense"), block.get("keep_ratio"),
+        rows.append([str(folder), method, block.get("keep_ratio"),
                      block.get("kept_fraction"), block.get("params_after"), round(size / 2**20, 2)])  # fmt: skip
     return rows
 

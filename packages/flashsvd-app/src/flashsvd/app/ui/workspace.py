@@ -58,12 +58,34 @@ class Workspace:
         )
 
     def list_checkpoints(self) -> list[Path]:
-        """Every folder with a ``config.json`` under the checkpoint roots (fine-tuned ``best/`` included)."""
+        """Every folder with a ``config.json`` under the checkpoint roots (fine-tuned ``best/`` included).
+
+        Hidden folders (a save in progress, or the leftovers of a killed one) are not checkpoints.
+        """
         found: list[Path] = []
         for root in (self.checkpoints, self.finetuned):
             if root.is_dir():
-                found += sorted(p.parent for p in root.rglob("config.json"))
+                found += sorted(
+                    p.parent
+                    for p in root.rglob("config.json")
+                    if not any(part.startswith(".") for part in p.relative_to(root).parts)
+                )
         return found
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove the partial saves of killed processes under the workspace (see ``outputs``)."""
+        from flashsvd.app.outputs import clean_stale_partials
+
+        removed: list[Path] = []
+        for root in (self.checkpoints, self.finetuned, self.results):
+            if root.is_dir():
+                folders = [root] + [
+                    p for p in root.rglob("*")
+                    if p.is_dir() and not any(x.startswith(".") for x in p.relative_to(root).parts)
+                ]  # fmt: skip
+                for folder in folders:
+                    removed += clean_stale_partials(folder)
+        return removed
 
     def delete_checkpoint(self, path: str | Path) -> Path:
         folder = self.confine(path)
@@ -82,8 +104,10 @@ class Workspace:
         rows = []
         for path in self.results_files():
             try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # damaged or not UTF-8: not a result of ours
+                continue
+            if not isinstance(data, dict):
                 continue
             data["_file"] = str(path)
             rows.append(data)

@@ -53,7 +53,11 @@ class LlamaAdapter(Adapter):
         base, pre = base_prefix(model)
         cfg = model.config
         rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-        rope = RopeTables(base.rotary_emb, dynamic="dynamic" in str(rope_type))
+        rope = RopeTables(
+            base.rotary_emb,
+            dynamic="dynamic" in str(rope_type),
+            min_positions=getattr(cfg, "max_position_embeddings", None) or 256,
+        )
         notes: list[str] = []
         for i, layer in enumerate(base.layers):
             attn = layer.self_attn

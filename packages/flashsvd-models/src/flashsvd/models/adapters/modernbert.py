@@ -45,7 +45,10 @@ class ModernBertAdapter(Adapter):
     def install_flash(self, model: nn.Module, backend: str = "auto") -> list[str]:
         base, pre = base_prefix(model)
         cfg = model.config
-        ropes = {t: RopeTables(base.rotary_emb, layer_type=t) for t in set(cfg.layer_types)}
+        n_pos = getattr(cfg, "max_position_embeddings", None) or 256
+        ropes = {
+            t: RopeTables(base.rotary_emb, layer_type=t, min_positions=n_pos) for t in set(cfg.layer_types)
+        }
         notes: list[str] = []
         for i, layer in enumerate(base.layers):
             p = f"{pre}layers.{i}"

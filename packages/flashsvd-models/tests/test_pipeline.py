@@ -1,0 +1,166 @@
+"""The one pipeline: recipes, default recipes, allocation + rounding, block-by-block with resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import flashsvd.models as fm
+from flashsvd.methods import FlashSVDMethodError
+from flashsvd.models.pipeline import unpad
+from flashsvd.models.recipe import RECIPES, Recipe, RecipeError, default_recipe, load_recipe
+
+
+def calib(kind: str, n: int = 3, seq: int = 10, padded: bool = False):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (4, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[0, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_recipe_json_yaml_roundtrip(tmp_path):
+    r = RECIPES["encoder"].with_(rank_multiple=16)
+    for name in ("r.json", "r.yaml"):
+        r.save(tmp_path / name)
+        assert load_recipe(tmp_path / name) == r
+    assert load_recipe("decoder") is RECIPES["decoder"]
+
+
+def test_recipe_errors_name_the_field(tmp_path):
+    with pytest.raises(RecipeError, match="allocation"):
+        Recipe(allocation="magic")
+    with pytest.raises(RecipeError, match="output_fisher"):
+        Recipe(method="svd", output_fisher=True)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "whiten", "rank_multipel": 8}))
+    with pytest.raises(RecipeError, match="rank_multipel"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="neither a file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_default_recipe_by_family(tiny):
+    assert default_recipe(tiny("bert")).name == "encoder"
+    assert default_recipe(tiny("llama")).name == "decoder"
+
+
+def test_unpad_drops_padding_tokens():
+    batches = calib("bert", n=1, padded=True)
+    out = unpad(batches)
+    assert sorted(b["input_ids"].shape[1] for b in out) == [7, 10]
+    assert sum(int(b["attention_mask"].sum()) for b in out) == int(batches[0]["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_default_recipe_compresses_within_budget(tiny, kind):
+    model = tiny(kind)
+    recipe = default_recipe(model).with_(gradients="lm" if kind != "bert" else "labels")
+    batches = calib(kind, padded=True)
+    if kind == "bert":
+        for b in batches:
+            b["labels"] = torch.tensor([0, 1, 0, 1])
+    _, rep = fm.compress(model, keep_ratio=0.6, calibration=batches, recipe=recipe)
+    assert rep.kept_fraction <= 0.6
+    assert rep.recipe["name"] == recipe.name
+    assert rep.allocation["allocation"] == "loss_curve"
+    assert rep.allocation["rank_multiple"] == 8
+    unrounded = set(rep.allocation["unrounded"])
+    assert all(r % 8 == 0 for n, r in rep.ranks.items() if r is not None and n not in unrounded)
+    assert model.config.quantization_config["recipe"]["name"] == recipe.name
+
+
+def test_keep_dense_roles_stay_dense_and_count(tiny):
+    model = tiny("bert")
+    recipe = RECIPES["encoder"].with_(gradients="none", center=True, output_fisher=False)
+    _, rep = fm.compress(model, keep_ratio=0.7, calibration=calib("bert"), recipe=recipe)
+    qk = [n for n in rep.ranks if n.endswith((".query", ".key"))]
+    assert qk and all(rep.ranks[n] is None for n in qk)
+    assert rep.kept_fraction <= 0.7
+
+
+def test_ars_is_not_silently_svd(tiny):
+    _, rep = fm.compress(tiny("bert"), method="ars", keep_ratio=0.6, calibration=calib("bert"))
+    assert rep.recipe["allocation"] == "ars" and rep.method == "whiten"
+    with pytest.raises(ValueError, match="data-aware"):
+        fm.compress(tiny("bert"), method="ars", keep_ratio=0.6)
+
+
+def test_no_calibration_falls_back_to_svd_with_a_warning(tiny):
+    with pytest.warns(UserWarning, match="no calibration data"):
+        _, rep = fm.compress(tiny("bert"), keep_ratio=0.6)
+    assert rep.method == "svd" and any("no calibration" in n for n in rep.notes)
+
+
+def test_zero_input_gram_error_names_the_layer(tiny):
+    model = tiny("llama")
+    layer = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.zero_()  # down_proj now only sees zeros
+    with pytest.raises(FlashSVDMethodError, match=layer.replace(".", r"\.")):
+        fm.compress(model, method="whiten", keep_ratio=0.6, calibration=calib("llama"))
+
+
+def _seq_recipe():
+    return Recipe(name="seq", method="whiten", allocation="uniform", sequential=True, rank_multiple=4)
+
+
+def test_sequential_resume_matches_an_uninterrupted_run(tiny, tmp_path):
+    batches = calib("llama")
+    ref, _ = fm.compress(tiny("llama"), keep_ratio=0.6, calibration=batches, recipe=_seq_recipe())
+
+    class Interrupt(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_first(msg):
+        seen.append(msg)
+        if msg.startswith("block 0 done"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fm.compress(tiny("llama"), keep_ratio=0.6, calibration=batches, recipe=_seq_recipe(),
+                    state_dir=tmp_path, log=stop_after_first)  # fmt: skip
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == 0
+    lines = []
+    model, rep = fm.compress(tiny("llama"), keep_ratio=0.6, calibration=batches, recipe=_seq_recipe(),
+                             state_dir=tmp_path, log=lines.append)  # fmt: skip
+    assert any("resuming after block 0" in x for x in lines)
+    assert not any(x.startswith("block 0 done") for x in lines)
+    assert rep.calibration["resumed_from_block"] == 1
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_state_of_another_run_is_refused(tiny, tmp_path):
+    batches = calib("llama")
+    fm.compress(tiny("llama"), keep_ratio=0.6, calibration=batches, recipe=_seq_recipe(), state_dir=tmp_path)
+    with pytest.raises(ValueError, match="different run"):
+        fm.compress(
+            tiny("llama"), keep_ratio=0.5, calibration=batches, recipe=_seq_recipe(), state_dir=tmp_path
+        )
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cached_block_inputs_replay_identically(tiny, kind):
+    """No KV cache travels with the cached inputs: replaying a block gives the same output every time."""
+    from flashsvd.models.adapters import get_adapter
+    from flashsvd.models.pipeline import block_paths, capture_inputs, run_block
+    from flashsvd.models.runtime import get_module
+
+    model = tiny(kind)
+    targets = get_adapter(model).targets(model)
+    block = get_module(model, block_paths(targets)[0])
+    (inp,) = capture_inputs(model, block, [torch.randint(1, 100, (2, 9))])
+    with torch.no_grad():
+        a, b = run_block(block, inp)[0][0], run_block(block, inp)[0][0]
+    torch.testing.assert_close(a, b)
+    assert a.shape[:2] == (2, 9)
