@@ -186,8 +186,9 @@ def compute_union() -> dict[str, torch.Tensor]:
     rank, and ``main_process_first``.
     """
     from flashsvd.methods import distributed
+    from flashsvd.methods.distributed import reduce
 
-    distributed.BUCKET_BYTES = 64  # the 3×3 float64 Gram (72 bytes) takes the one-tensor path
+    reduce.BUCKET_BYTES = 64  # the 3×3 float64 Gram (72 bytes) takes the one-tensor path
     me = get_rank()
     stats = {"a": LayerStatistics(3)}
     stats["a"].update(torch.full((2, 3), float(me + 1), dtype=torch.float64))
