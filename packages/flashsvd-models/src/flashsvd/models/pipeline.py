@@ -41,7 +41,6 @@ from flashsvd.methods import (
     allocate_ranks,
     ars_select_ranks,
     asvd_sensitivity,
-    calibrate_blockwise,
     collect_fisher,
     collect_statistics,
     factorize,
@@ -50,6 +49,16 @@ from flashsvd.methods import (
     loss_curve,
     round_ranks,
     uniform_keep_ratio,
+)
+from flashsvd.methods.distributed import (
+    DistributedError,
+    all_reduce_statistics,
+    broadcast_from_main,
+    calibrate_blockwise_distributed,
+    fail_together,
+    is_distributed,
+    shard,
+    spread,
 )
 from flashsvd.models.adapters import Target, get_adapter
 from flashsvd.models.lowrank import FusedLinear, LowRankLinear, linear_from_dense
@@ -235,25 +244,33 @@ def needs_gradients(recipe: Recipe) -> bool:
 def collect(
     model, targets: Sequence[Target], recipe: Recipe, batches, plain, info
 ) -> dict[str, LayerStatistics]:
-    """Gram (dense model, unpadded batches) and, if the recipe wants them, gradient statistics."""
+    """Gram (dense model, unpadded batches) and, if the recipe wants them, gradient statistics.
+
+    Under ``torchrun`` each rank runs both passes on its shard (whole batches) and one all-reduce sums
+    the statistics (``flashsvd.methods.distributed``; the identity in one process).
+    """
     sources = {t.source: get_module(model, t.source) for t in targets}
     stats: dict[str, LayerStatistics] = {}
-    if "gram" in get_method(recipe.method).requires or recipe.allocation != "uniform" or recipe.center:
-        stats = collect_statistics(sources, runner(model), plain)
-    if needs_gradients(recipe):
-        kind, loss_of = gradient_objective(model, recipe, batches)
-        grad_batches = batches[: recipe.gradient_batches] if recipe.gradient_batches else batches
-        was = model.training
-        model.train(kind == "simcse")  # SimCSE's two views differ by dropout; the others run in eval mode
-        torch.manual_seed(0)
-        try:
-            collect_fisher(sources, loss_of, grad_batches, output_grads=True, weight_grad_of=_weight_grad_of,
-                           stats=stats)  # fmt: skip
-        finally:
-            model.train(was)
-        info["gradients"] = kind
-        info["gradient_batches"] = len(grad_batches)
-    return stats
+    with fail_together("calibration statistics"):
+        mine = shard(plain)
+        if mine and (
+            "gram" in get_method(recipe.method).requires or recipe.allocation != "uniform" or recipe.center
+        ):
+            stats = collect_statistics(sources, runner(model), mine)
+        if needs_gradients(recipe):
+            kind, loss_of = gradient_objective(model, recipe, batches)
+            grad_batches = batches[: recipe.gradient_batches] if recipe.gradient_batches else batches
+            was = model.training
+            model.train(kind == "simcse")  # SimCSE's two views differ by dropout; the others run in eval mode
+            torch.manual_seed(0)
+            try:
+                collect_fisher(sources, loss_of, shard(grad_batches), output_grads=True,
+                               weight_grad_of=_weight_grad_of, stats=stats)  # fmt: skip
+            finally:
+                model.train(was)
+            info["gradients"] = kind
+            info["gradient_batches"] = len(grad_batches)
+    return all_reduce_statistics(stats, what="calibration statistics")
 
 
 # ---- allocation ---------------------------------------------------------------------------------------
@@ -368,22 +385,42 @@ def _sensitivity(model, targets, shapes, recipe, stats, batches):
 
 # ---- factorization and replacement --------------------------------------------------------------------
 def factor_targets(model, targets, ranks, method: str, stats, options, errors, progress=None) -> None:
-    """Factorize ``targets`` (reading the dense weights) and install the low-rank modules."""
+    """Factorize ``targets`` (reading the dense weights) and install the low-rank modules.
+
+    Under ``torchrun`` each matrix is factorized on one rank (balanced by cost) and broadcast, so every
+    rank installs the same factors (``flashsvd.methods.distributed.spread``; a loop in one process).
+    """
+    by_name = {t.name: t for t in targets if ranks.get(t.name) is not None}
+    local: set[str] = set()
+
+    def fit(name: str):
+        t = by_name[name]
+        w, b = t.weight(model)
+        with named(name):
+            f = factorize(w.detach().float(), int(ranks[name]), method, stats=stats_for(t, stats),
+                          bias=None if b is None else b.detach().float(), n_heads=t.n_heads, **options)  # fmt: skip
+        local.add(name)
+        if progress is not None:
+            progress(name)
+        return f.to(dtype=w.dtype)  # the installed dtype: half the memory and broadcast bytes of fp32
+
+    def cost(name: str) -> float:  # an SVD of an [out, in] matrix costs ~ out · in · min(out, in)
+        out_f, in_f = by_name[name].weight(model)[0].shape
+        return float(out_f * in_f * min(out_f, in_f))
+
+    factors = spread(list(by_name), fit, cost=cost)
+    for name in [n for n in factors if n not in local] if progress is not None else []:
+        progress(name)  # factorized on another rank: keeps the bar's total right
     built: dict[str, nn.Module] = {}
     for t in targets:
-        r = ranks.get(t.name)
-        if r is None:
+        if t.name not in factors:
             continue
-        w, b = t.weight(model)
-        with named(t.name):
-            f = factorize(w.detach().float(), int(r), method, stats=stats_for(t, stats),
-                          bias=None if b is None else b.detach().float(), n_heads=t.n_heads, **options)  # fmt: skip
+        w, _ = t.weight(model)
+        f = factors[t.name]
         errors[t.name] = {"error": f.error, "data_error": f.data_error}
         lr = LowRankLinear.from_factorization(f, dtype=w.dtype).to(w.device)
         lr.conv1d = t.is_conv1d(model) and t.part is None
         built[t.name] = lr
-        if progress is not None:
-            progress(t.name)
     groups: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         if t.part is None:
@@ -498,7 +535,12 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
     options = recipe.method_options()
     state = _State(state_dir, ranks, recipe, keep_ratio) if state_dir is not None else None
     start = 0
-    inputs = capture_inputs(model, blocks[0], batches)
+    if state_dir is not None and is_distributed():
+        raise DistributedError(
+            "resuming block-by-block compression (state_dir) runs in one process only for now: "
+            "drop the state folder or launch without torchrun."
+        )
+    inputs = capture_inputs(model, blocks[0], shard(batches))  # this rank's share of the calibration set
     reference = None
     if state is not None and state.done >= 0:
         start = state.restore(model, blocks, layers, by_layer, inputs)
@@ -530,7 +572,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
         if log:
             log(f"block {layers[k]} done")
 
-    calibrate_blockwise(blocks, inputs, run_block, groups, compress_group, mode="sequential",
+    calibrate_blockwise_distributed(blocks, inputs, run_block, groups, compress_group, mode="sequential",
                         paired=recipe.paired, start=start, reference_inputs=reference, place=place, done=done,
                         scales=spec.name == "asvd")  # fmt: skip
     return {"sequential": True, "paired": recipe.paired, "resumed_from_block": start if start else None}
@@ -654,7 +696,8 @@ def run_pipeline(
             alloc = allocate_ranks([shape_of(t, model) for t in targets], RankPolicy(ranks=d["ranks"]))
             how = {"allocation": recipe.allocation, "from_state": str(state_dir)}
         else:
-            alloc, how = allocate(model, targets, recipe, keep_ratio, stats, plain)
+            # identical on every rank even when the allocation ran the model (ASVD sensitivity)
+            alloc, how = broadcast_from_main(allocate(model, targets, recipe, keep_ratio, stats, plain))
         ranks = dict(alloc.ranks)
         if recipe.sequential and spec.data_aware:
             stats = None  # the sequential pass collects its own, one block at a time

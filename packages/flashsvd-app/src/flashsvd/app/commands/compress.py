@@ -111,6 +111,15 @@ def compress(
 
 @guarded
 def run(**kw) -> None:
+    # Under `torchrun --nproc-per-node N` every rank calibrates on its shard (flashsvd.methods.distributed);
+    # only rank 0 prints and writes the checkpoint. Without a launcher this is a plain single process.
+    from flashsvd.methods.distributed import distributed_session
+
+    with distributed_session():
+        _run(**kw)
+
+
+def _run(**kw) -> None:
     from flashsvd.app import modelio
     from flashsvd.app.compression import (
         REPORT_FILE,
@@ -128,8 +137,10 @@ def run(**kw) -> None:
     from flashsvd.app.outputs import atomic_dir, check_output_dir
     from flashsvd.app.runtime import provenance, resolve_device, resolve_dtype
     from flashsvd.app.tasks.registry import get_task
+    from flashsvd.methods.distributed import is_main_process
 
-    console = Console(kw["quiet"], kw["json_out"])
+    main = is_main_process()
+    console = Console(kw["quiet"] or not main, kw["json_out"] and main)
     silence_libraries()
     by_kind = {k: kw[f"rank_{k}"] for k in ("attn", "ffn", "wo") if kw[f"rank_{k}"] is not None}
     ranks = RankChoice(kw["keep_ratio"], kw["rank"], by_kind, kw["ranks_json"])
@@ -187,6 +198,8 @@ def run(**kw) -> None:
         "report": report.to_json(),
         **provenance(device),
     }
+    if not main:
+        return
     with atomic_dir(out, overwrite=kw["overwrite"]) as tmp:
         save_checkpoint(m, tok, result, tmp)
     console.table(f"{source.name} → {out}", ["", "value"], report_rows(report))
