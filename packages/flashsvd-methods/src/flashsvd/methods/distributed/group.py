@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -146,10 +147,48 @@ def broadcast_from_main(obj: T, what: str = "broadcast_from_main") -> T:
     """
     if not is_distributed():
         return obj
-    box = [obj if is_main_process() else None]
     with _collective(what):
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return broadcast_object(obj, src=0)
+
+
+# Small Python objects (names, tensor specs, rank allocations) between the ranks of one job.  torch's
+# broadcast_object_list / all_gather_object need numpy on some torch builds (CPU wheels ship without
+# it); these move the pickled bytes as plain uint8 tensors.  Peers are this job's own processes.
+
+
+def _to_bytes_tensor(obj: Any) -> torch.Tensor:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_comm_device())
+
+
+def _from_bytes_tensor(t: torch.Tensor, n: int) -> Any:
+    return pickle.loads(bytes(t[:n].cpu().tolist()))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (call inside :func:`_collective`)."""
+    device = _comm_device()
+    payload = _to_bytes_tensor(obj) if get_rank() == src else None
+    size = torch.tensor([0 if payload is None else payload.numel()], dtype=torch.long, device=device)
+    dist.broadcast(size, src=src)
+    n = int(size.item())
+    buf = payload if payload is not None else torch.empty(n, dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=src)
+    return obj if get_rank() == src else _from_bytes_tensor(buf, n)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (call inside :func:`_collective`)."""
+    device = _comm_device()
+    payload = _to_bytes_tensor(obj)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.long, device=device))
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    bufs = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(bufs, padded)
+    return [_from_bytes_tensor(b, int(s.item())) for b, s in zip(bufs, sizes)]
 
 
 # ---- sharding ---------------------------------------------------------------------------------------
@@ -169,7 +208,5 @@ def shard(items: Iterable[T], rank: int | None = None, world: int | None = None)
 
 
 def _gather_objects(obj: Any, what: str) -> list[Any]:
-    out: list[Any] = [None] * get_world_size()
     with _collective(what):
-        dist.all_gather_object(out, obj)
-    return out
+        return all_gather_object(obj)

@@ -15,6 +15,7 @@ from flashsvd.methods.distributed.group import (
     _collective,
     _comm_device,
     _gather_objects,
+    broadcast_object,
     get_rank,
     get_world_size,
     is_distributed,
@@ -120,10 +121,8 @@ def spread(
     results: dict[str, Any] = {}
     device = _comm_device()
     for r in range(world):
-        box = [mine if r == me else None]
         with _collective(what):
-            dist.broadcast_object_list(box, src=r)
-        skeletons: dict[str, Any] = box[0]
+            skeletons: dict[str, Any] = broadcast_object(mine if r == me else None, src=r)
         failed = [(n, s) for n, s in skeletons.items() if isinstance(s, _Failed)]
         if failed:
             n, s = failed[0]
