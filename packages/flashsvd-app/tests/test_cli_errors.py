@@ -129,9 +129,26 @@ def test_existing_output_is_not_clobbered(cli, tiny_bert, tmp_path):
     _clean(cli("compress", "--model", tiny_bert, "--output", out, "--overwrite"), 2, "even with --overwrite")
     assert (out / "keep.txt").read_text() == "mine"
     ours = tmp_path / "ours"
-    assert cli("compress", "--model", tiny_bert, "--rank", "4", "--output", ours, "--quiet").exit_code == 0
+    assert (
+        cli(
+            "compress", "--model", tiny_bert, "--method", "svd", "--rank", "4", "--output", ours, "--quiet"
+        ).exit_code
+        == 0
+    )
     _clean(cli("compress", "--model", tiny_bert, "--output", ours), 2, "already exists", "--overwrite")
-    res = cli("compress", "--model", tiny_bert, "--rank", "2", "--output", ours, "--overwrite", "--quiet")
+    res = cli(
+        "compress",
+        "--model",
+        tiny_bert,
+        "--method",
+        "svd",
+        "--rank",
+        "2",
+        "--output",
+        ours,
+        "--overwrite",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((ours / "config.json").read_text())["quantization_config"]["method"] == "svd"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "ours"]  # no hidden leftovers

@@ -50,5 +50,5 @@ def test_export_refuses_an_existing_output(cli, whiten_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = cli("export", whiten_ckpt, "--output", out)
-    assert res.exit_code == 2 and "already exists" in res.stderr
+    assert res.exit_code == 2 and "did not write" in res.stderr
     assert (out / "keep.txt").read_text() == "mine"

@@ -221,18 +221,18 @@ def test_a_file_that_is_not_utf8_is_named(cli, tiny_bert, whiten_ckpt, tmp_path)
 def test_info_on_a_truncated_safetensors(cli, whiten_ckpt, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(whiten_ckpt, broken)
-    st = broken / "model.safetensors"
+    st = broken / "flashsvd.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    _clean(cli("info", broken), 2, "model.safetensors", "truncated")
+    _clean(cli("info", broken), 2, "flashsvd.safetensors", "truncated")
     st.write_bytes(b"\x00\x01")
-    _clean(cli("info", broken), 2, "model.safetensors", "not a readable safetensors file")
+    _clean(cli("info", broken), 2, "flashsvd.safetensors", "not a readable safetensors file")
 
 
 def test_checkpoint_errors_are_clear(cli, whiten_ckpt, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(whiten_ckpt, broken)
-    (broken / "model.safetensors").unlink()
-    _clean(cli("eval", "-c", broken, "--task", "stsb"), 2, "model.safetensors")
+    (broken / "flashsvd.safetensors").unlink()
+    _clean(cli("eval", "-c", broken, "--task", "stsb"), 2, "flashsvd.safetensors")
 
 
 def test_a_hub_id_fails_at_once_without_network(cli, tmp_path, monkeypatch):
@@ -300,6 +300,16 @@ def test_a_hub_id_in_the_local_cache_loads_offline(cli, tiny_bert, tmp_path, mon
         modelio, "cached_snapshot", lambda repo_id: tiny_bert if repo_id == "someone/tiny" else None
     )
     monkeypatch.chdir(tmp_path)
-    res = cli("compress", "-m", "someone/tiny", "--rank", "4", "--quiet", env={"HF_HUB_OFFLINE": "1"})
+    res = cli(
+        "compress",
+        "-m",
+        "someone/tiny",
+        "--method",
+        "svd",
+        "--rank",
+        "4",
+        "--quiet",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "compressed_models" / "tiny_svd_r4" / "config.json").is_file()
