@@ -164,3 +164,11 @@ def test_cached_block_inputs_replay_identically(tiny, kind):
         a, b = run_block(block, inp)[0][0], run_block(block, inp)[0][0]
     torch.testing.assert_close(a, b)
     assert a.shape[:2] == (2, 9)
+
+
+def test_encoder_default_on_a_classifier_without_labels(tiny):
+    """SimCSE gradients come from the hidden states of the encoder inside a task model."""
+    model = tiny("bert")
+    _, rep = fm.compress(model, keep_ratio=0.7, calibration=calib("bert"), recipe=RECIPES["encoder"])
+    assert rep.calibration["gradients"] == "simcse"
+    assert rep.kept_fraction <= 0.7

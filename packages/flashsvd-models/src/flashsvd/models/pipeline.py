@@ -215,7 +215,8 @@ def gradient_objective(
 
 
 def _mean_pool(run, batch) -> torch.Tensor:
-    out = run(batch)
+    """Mask-weighted mean of the last hidden states (of the encoder inside a task model too)."""
+    out = run({**batch, "output_hidden_states": True} if isinstance(batch, Mapping) else batch)
     h = getattr(out, "last_hidden_state", None)
     if h is None:
         hs = getattr(out, "hidden_states", None)
