@@ -108,25 +108,28 @@ def stats_for(t: Target, stats: Mapping[str, LayerStatistics] | None) -> LayerSt
 def unpad(batches: Sequence[Any]) -> list[Any]:
     """Regroup tokenized batches so that no padding token reaches a statistic.
 
-    Rows of a dict batch with an ``attention_mask`` are cut to their real tokens and regrouped with
-    rows of the same length (order of appearance, at most the original batch size each); tensors and
-    batches without a mask pass through unchanged.
+    Rows of dict batches with an ``attention_mask`` are cut to their real tokens and regrouped, across
+    all batches, with rows of the same length (at most the largest original batch size per group, so
+    the statistics pass runs few, full batches); tensors and batches without padding pass unchanged.
     """
     out: list[Any] = []
+    by_len: dict[tuple, list[dict[str, torch.Tensor]]] = defaultdict(list)
+    size = 1
     for b in batches:
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
         if mask is None or bool(mask.all()):
             out.append(b)
             continue
-        keys = [k for k, v in b.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape]
-        by_len: dict[int, list[dict[str, torch.Tensor]]] = defaultdict(list)
+        size = max(size, mask.shape[0])
+        keys = tuple(k for k, v in b.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape)
         for i in range(mask.shape[0]):
             keep = mask[i].bool()
             n = int(keep.sum())
             if n:
-                by_len[n].append({k: b[k][i][keep] for k in keys})
-        for rows in by_len.values():
-            out.append({k: torch.stack([r[k] for r in rows]) for k in keys})
+                by_len[(n, keys)].append({k: b[k][i][keep] for k in keys})
+    for (_, keys), rows in sorted(by_len.items(), key=lambda kv: kv[0][0]):
+        for s in range(0, len(rows), size):
+            out.append({k: torch.stack([r[k] for r in rows[s : s + size]]) for k in keys})
     return out
 
 
