@@ -97,6 +97,19 @@ class ResultWriter:
         self.f.flush()
 
 
+def record_variant(writer, out_dir: Path, *, model: str, metric: str, key: str, variant: str, keep: float,
+                   rep, value: float, t0: float, digits: int) -> None:  # fmt: skip
+    """One compressed variant's CSV row and its ranks/recipe JSON (the same for every model)."""
+    stem = "quality_minilm" if metric == "stsb_spearman" else "quality_smollm"
+    save_json(out_dir / f"{stem}_{key}_ranks_{keep}.json", {"ranks": rep.ranks, "recipe": rep.recipe})
+    writer.row(
+        model=model, metric=metric, method=rep.method, variant=variant, keep_ratio=keep,
+        kept_fraction=f"{rep.kept_fraction:.6f}", kept_params=rep.target_params_after,
+        dense_params=rep.target_params_before, n_dense_layers=len(rep.dense), value=f"{value:.{digits}f}",
+        seconds=f"{time.time() - t0:.1f}",
+    )  # fmt: skip
+
+
 def save_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=lambda o: None))
 

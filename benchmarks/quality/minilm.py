@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, save_json, sst2_sentences, stsb_pairs
+from common import log, record_variant, sst2_sentences, stsb_pairs
 from scipy.stats import spearmanr
 
 import flashsvd.models as fm
@@ -185,14 +185,6 @@ def run(
                 log(f"FAILED {key} keep={keep}: {exc!r}")
                 continue
             value = sts.spearman(model, tok)
-            save_json(
-                out_dir / f"quality_minilm_{key}_ranks_{keep}.json",
-                {"ranks": rep.ranks, "recipe": rep.recipe},
-            )
-            writer.row(
-                model="all-MiniLM-L6-v2", metric="stsb_spearman", method=rep.method, variant=variant,
-                keep_ratio=keep, kept_fraction=f"{rep.kept_fraction:.6f}", kept_params=rep.target_params_after,
-                dense_params=rep.target_params_before, n_dense_layers=len(rep.dense), value=f"{value:.5f}",
-                seconds=f"{time.time() - t0:.1f}",
-            )  # fmt: skip
+            record_variant(writer, out_dir, model="all-MiniLM-L6-v2", metric="stsb_spearman", key=key, variant=variant,
+                           keep=keep, rep=rep, value=value, t0=t0, digits=5)  # fmt: skip
             log(f"minilm {key:36s} keep={keep} kept={rep.kept_fraction:.4f} -> {value:.4f}")

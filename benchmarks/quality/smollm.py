@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, save_json, sst2_sentences, wikitext_test_text
+from common import log, record_variant, sst2_sentences, wikitext_test_text
 
 import flashsvd.models as fm
 from flashsvd.models.recipe import RECIPES, Recipe
@@ -125,14 +125,6 @@ def run(
                 log(f"FAILED {key} keep={keep}: {exc!r}")
                 continue
             value = perplexity(model, evalw)
-            save_json(
-                out_dir / f"quality_smollm_{key}_ranks_{keep}.json",
-                {"ranks": rep.ranks, "recipe": rep.recipe},
-            )
-            writer.row(
-                model="SmolLM2-135M-Instruct", metric="wikitext2_ppl", method=rep.method, variant=variant,
-                keep_ratio=keep, kept_fraction=f"{rep.kept_fraction:.6f}", kept_params=rep.target_params_after,
-                dense_params=rep.target_params_before, n_dense_layers=len(rep.dense), value=f"{value:.4f}",
-                seconds=f"{time.time() - t0:.1f}",
-            )  # fmt: skip
+            record_variant(writer, out_dir, model="SmolLM2-135M-Instruct", metric="wikitext2_ppl", key=key, variant=variant,
+                           keep=keep, rep=rep, value=value, t0=t0, digits=4)  # fmt: skip
             log(f"smollm {key:28s} keep={keep} kept={rep.kept_fraction:.4f} -> {value:.4g}")

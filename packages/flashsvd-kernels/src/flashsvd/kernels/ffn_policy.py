@@ -20,10 +20,11 @@ or ``torch.compile`` nothing is timed: an uncached shape takes :func:`default_ch
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from flashsvd.kernels.timing import times_ms
 
 __all__ = ["CANDIDATES", "POLICIES", "SMALL_TRANSIENT_BYTES", "choose", "clear_cache", "default_choice"]
 
@@ -80,14 +81,7 @@ def _graph_time_ms(fn: Callable[[], object], repeats: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="relaxed"):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = times_ms(graph.replay, repeats, "cuda")
     del graph
     return statistics.median(times)
 
@@ -96,25 +90,12 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -
     """Median time of ``fn``: GPU time from graph replays on CUDA (what a captured model pays; the
     chunked chain's many short launches would otherwise count host time), wall time elsewhere."""
     fn()  # warm-up: compiles/autotunes the kernel, picks cuBLAS algorithms
-    times = []
-    if device.type != "cuda":
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    try:
-        return _graph_time_ms(fn, repeats)
-    except RuntimeError:  # a candidate that cannot be captured is timed eagerly
-        torch.cuda.synchronize()
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    if device.type == "cuda":
+        try:
+            return _graph_time_ms(fn, repeats)
+        except RuntimeError:  # a candidate that cannot be captured is timed eagerly
+            torch.cuda.synchronize()
+    return statistics.median(times_ms(fn, repeats, device))
 
 
 def choose(key: tuple, policy: str, run: Callable[[str], object], tokens: int, d_ff: int, x: torch.Tensor,

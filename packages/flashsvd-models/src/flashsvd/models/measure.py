@@ -14,13 +14,14 @@ Definitions (one meaning each, on CUDA; CPU has no allocator statistics, so memo
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from flashsvd.kernels.timing import times_ms
 
 __all__ = ["MemoryStats", "Timing", "measure_latency", "measure_memory", "persistent_bytes"]
 
@@ -100,22 +101,10 @@ def measure_latency(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10
         if device is not None
         else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     )
-    times: list[float] = []
     with torch.no_grad():
         for _ in range(warmup):
             fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = times_ms(fn, repeats, dev)
     return Timing(statistics.median(times), statistics.fmean(times), min(times), repeats, warmup, str(dev))
