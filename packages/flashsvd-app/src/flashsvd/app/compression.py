@@ -145,9 +145,7 @@ def save_checkpoint(model: Any, tokenizer: Any, report: dict[str, Any], folder: 
     from flashsvd.app.outputs import write_json_atomic
     from flashsvd.models import save_compressed
 
-    save_compressed(model, folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    save_compressed(model, folder, tokenizer=tokenizer)
     write_json_atomic(Path(folder) / REPORT_FILE, report)
 
 

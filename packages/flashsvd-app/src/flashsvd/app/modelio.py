@@ -253,9 +253,10 @@ def _refuse_missing_weights(model: Any, info: dict[str, Any], source: ModelSourc
     transformers only warns about missing tensors; a folder whose weights do not match its config (an
     edited or half-copied checkpoint) would otherwise be scored as if it were the model.
     """
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    has_base = bool(prefix) and prefix in dict(model.named_children())
-    missing = [k for k in info.get("missing_keys") or () if not has_base or k.startswith(prefix + ".")]
+    from flashsvd.models.checkpoint import base_prefix
+
+    prefix = base_prefix(model)
+    missing = [k for k in info.get("missing_keys") or () if prefix is None or k.startswith(prefix + ".")]
     if missing:
         raise AppError(
             f"{source.location}: the weights file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}",

@@ -95,10 +95,9 @@ def attach_config(model: nn.Module, report) -> None:
         "calibration": dict(report.calibration),
         "versions": _versions(),
     }
+    # the typed Recipe (flashsvd.models.recipe) that made it: `flashsvd compress --recipe` reads it back
     recipe = getattr(report, "recipe", None)
-    if (
-        recipe
-    ):  # the typed Recipe (flashsvd.models.recipe) that made it: `flashsvd compress --recipe` reads it back
+    if recipe:
         block["recipe"] = dict(recipe)
     model.config.quantization_config = block
 
@@ -254,9 +253,8 @@ def _source_folder(model: nn.Module, source) -> Path | None:
     return Path(name) if name and Path(name).is_dir() else None
 
 
-def _copy_source_files(source: Path, dest: Path) -> list[str]:
+def _copy_source_files(source: Path, dest: Path) -> None:
     """Copy what compression leaves unchanged (pooling, tokenizer, sentence-transformers files...)."""
-    copied = []
     for item in sorted(source.iterdir()):
         if item.name in _NOT_INHERITED or item.name.startswith(".") or item.name.endswith(_WEIGHT_SUFFIXES):
             continue
@@ -268,8 +266,6 @@ def _copy_source_files(source: Path, dest: Path) -> list[str]:
             )
         elif item.is_file():
             shutil.copy2(item, dest / item.name)
-        copied.append(item.name)
-    return copied
 
 
 def save_compressed(
@@ -315,7 +311,7 @@ def save_compressed(
         (tmp / SHIM_FILE).write_text(shim_source())
         src = _source_folder(model, source)
         name = getattr(model, "name_or_path", None) or (src.name if src is not None else None)
-        (tmp / "README.md").write_text(model_card(flashsvd_block(model.config), source=name, metrics=metrics))
+        (tmp / "README.md").write_text(model_card(block, source=name, metrics=metrics))
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(tmp)
@@ -425,6 +421,15 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({e})") from e
 
 
+def base_prefix(model: nn.Module) -> str | None:
+    """The ``base_model_prefix`` under which ``model`` holds its base model (a task model), else None.
+
+    Names outside it belong to a task head: the one part of a model that may be new when loading.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else None
+
+
 def _retarget(model: nn.Module, state: dict, ranks: Mapping[str, Any]) -> tuple[dict, dict]:
     """Move saved names onto ``model`` when it is the base of the saved class or a head over it.
 
@@ -435,7 +440,7 @@ def _retarget(model: nn.Module, state: dict, ranks: Mapping[str, Any]) -> tuple[
     if not prefix:
         return state, dict(ranks)
     saved_has_prefix = any(k.startswith(prefix + ".") for k in state)
-    model_has_prefix = hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module)
+    model_has_prefix = base_prefix(model) is not None
     if saved_has_prefix and not model_has_prefix:  # head checkpoint -> base model
         n = len(prefix) + 1
         return (
@@ -534,14 +539,15 @@ def _check_keys(model: nn.Module, folder: Path, missing, unexpected, *, same_cla
 
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    has_base = bool(prefix) and hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module)
+    prefix = base_prefix(model)
 
     def in_head(k: str) -> bool:
-        return not same_class and has_base and not k.startswith(prefix + ".")
+        return not same_class and prefix is not None and not k.startswith(prefix + ".")
 
     hard_missing = [k for k in missing if not in_head(k)]
-    hard_unexpected = [k for k in unexpected if same_class or (has_base and k.startswith(prefix + "."))]
+    hard_unexpected = [
+        k for k in unexpected if same_class or (prefix is not None and k.startswith(prefix + "."))
+    ]
     if hard_missing or hard_unexpected:
         raise CheckpointError(
             f"{weights_path(folder)} does not match the architecture: missing {hard_missing[:4]}"

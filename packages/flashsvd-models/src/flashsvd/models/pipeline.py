@@ -63,7 +63,7 @@ from flashsvd.methods.distributed import (
 from flashsvd.models.adapters import Target, get_adapter
 from flashsvd.models.lowrank import FusedLinear, LowRankLinear, linear_from_dense
 from flashsvd.models.recipe import Recipe
-from flashsvd.models.runtime import get_module, set_module
+from flashsvd.models.runtime import CACHE_KWARGS, get_module, set_module
 
 __all__ = ["PipelineResult", "run_pipeline", "unpad"]
 
@@ -472,7 +472,7 @@ class _Stop(Exception):
     pass
 
 
-_CACHE_KWARGS = {"past_key_values", "past_key_value", "cache", "layer_past", "use_cache"}
+_CACHE_KWARGS = {*CACHE_KWARGS, "layer_past", "use_cache"}
 
 
 def capture_inputs(model, first_block: nn.Module, batches, device=None) -> list:

@@ -88,10 +88,7 @@ def run(**kw) -> None:
                 tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(_dense_note(src, block, metrics), encoding="utf-8")
         else:
-            fm.save_compressed(model, tmp / "model", tokenizer=tokenizer, source=src, metrics=metrics)
-            for item in (tmp / "model").iterdir():
-                item.rename(tmp / item.name)
-            (tmp / "model").rmdir()
+            fm.save_compressed(model, tmp, tokenizer=tokenizer, source=src, metrics=metrics)
     kind = "dense" if kw["dense"] else "compressed"
     console.result({"output": str(out), "kind": kind, "metrics": metrics}, f"exported {kind} model to {out}")
 
