@@ -246,3 +246,63 @@ def test_output_fisher_whitening_minimizes_the_weighted_error(gen):
     torch.testing.assert_close(exact.merged_weight(), w, atol=1e-8, rtol=0)
     with pytest.raises(CalibrationMissingError, match="grad_out_sq"):
         factorize(w, 3, "whiten", stats=make_stats(w, x, gen), output_fisher=True)
+
+
+# ---- the SVD routes (the Gram/eigen route is what CUDA runs; CPU tests both) ----------------------
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_gram_route_equals_lapack_svd(shape):
+    from flashsvd.methods.linalg import truncated_svd
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64)
+    r = 7
+    p1, s1, q1, all1 = truncated_svd(m, r, driver="svd")
+    p2, s2, q2, all2 = truncated_svd(m, r, driver="gram")
+    assert torch.allclose(s1, s2, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(all1, all2, rtol=1e-8, atol=1e-10)
+    # same signs by construction, so the factors themselves agree, not only their product
+    assert torch.allclose(p1, p2, atol=1e-9) and torch.allclose(q1, q2, atol=1e-9)
+    assert torch.allclose((p2 * s2) @ q2.T, (p1 * s1) @ q1.T, atol=1e-10)
+
+
+def test_svd_signs_are_canonical():
+    """A sign-flipped or round-off-perturbed input gives the same factors (no arbitrary sign flips)."""
+    from flashsvd.methods.linalg import truncated_svd
+
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    for driver in ("svd", "gram"):
+        p, s, q, _ = truncated_svd(m, 5, driver=driver)
+        pp, sp, qp, _ = truncated_svd(
+            m * (1 + 1e-15 * torch.randn(m.shape, generator=g, dtype=torch.float64)), 5, driver=driver
+        )
+        assert torch.allclose(p, pp, atol=1e-10) and torch.allclose(q, qp, atol=1e-10)
+        assert bool((p.gather(0, p.abs().argmax(0)[None]) > 0).all())
+
+
+def test_gram_route_rank_deficient_is_finite():
+    """Kept pairs beyond the numerical rank come out finite (zero), not NaN from a 0/0."""
+    from flashsvd.methods.linalg import truncated_svd
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 16, generator=g, dtype=torch.float64
+    )
+    p, s, q, _ = truncated_svd(m, 8, driver="gram")
+    assert torch.isfinite(p).all() and torch.isfinite(q).all()
+    assert torch.allclose((p * s) @ q.T, m, atol=1e-8)
+
+
+def test_whitening_transform_leaves_the_gram_untouched():
+    from flashsvd.methods.linalg import whitening_transform
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    # float64 already, so no copy is made on the way in: the transform must not modify it in place
+    before = gram.clone()
+    t = whitening_transform(gram, damping=0.1)
+    assert torch.equal(gram, before)
+    damped = gram + 0.1 * gram.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(t.forward @ t.forward.T, damped, atol=1e-9)
+    assert torch.allclose(t.forward @ t.inverse, torch.eye(12, dtype=torch.float64), atol=1e-9)

@@ -166,6 +166,7 @@ def compress(
     device: str | torch.device | None = None,
     state_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    offload: bool | None = None,
     **method_options: Any,
 ):
     """Compress ``model`` in place; return ``(model, CompressionReport)``.
@@ -188,6 +189,10 @@ def compress(
         state_dir: with ``sequential``, a folder to checkpoint finished blocks in; running again with
             the same folder resumes after the last finished block.
         log: called with progress lines of the block-by-block pass.
+        offload: with ``sequential`` and ``device``, where the cached block inputs live: ``True`` on the
+            model's device (CPU; the lowest accelerator peak, one batch at a time crosses), ``False`` on
+            ``device`` (no copies per pass), ``None`` (default) on ``device`` when they take at most a
+            quarter of its free memory.
         **method_options: method options (``center``, ``output_fisher``, ``update``, ``damping`` ...).
     """
     if is_compressed(model):
@@ -205,7 +210,7 @@ def compress(
     params_before = count_parameters(model)
     shapes = [shape_of(t, model) for t in targets]
     result = run_pipeline(model, targets, rec, keep_ratio=keep_ratio, explicit=explicit, calibration=batches,
-                          progress=progress, device=device, state_dir=state_dir, log=log)  # fmt: skip
+                          progress=progress, device=device, state_dir=state_dir, log=log, offload=offload)  # fmt: skip
     rank_map = result.ranks
     target_before = sum(s.dense_params for s in shapes)
     target_after = sum(s.params(rank_map.get(s.name)) for s in shapes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -217,10 +218,12 @@ class Traffic:
 
     reduced_bytes = 0
     broadcast_bytes = 0
+    reduce_seconds = 0.0  # wall time inside all_reduce_statistics (synchronized on CUDA)
 
     @classmethod
     def reset(cls) -> None:
         cls.reduced_bytes = cls.broadcast_bytes = 0
+        cls.reduce_seconds = 0.0
 
 
 def _reduce_tensors(leaves: list[tuple[torch.Tensor, str]], what: str) -> None:
@@ -286,6 +289,20 @@ def all_reduce_statistics(obj: T, *, what: str = "all_reduce_statistics") -> T:
     """
     if not is_distributed():
         return obj
+    t0 = _synchronized_time()
+    try:
+        return _all_reduce_statistics(obj, what)
+    finally:
+        Traffic.reduce_seconds += _synchronized_time() - t0
+
+
+def _synchronized_time() -> float:
+    if _comm_device().type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _all_reduce_statistics(obj: T, what: str) -> T:
     local = obj if isinstance(obj, _Failed) else _skeleton_or_failure(obj)
     parts = _gather_objects(local, what)
     failed = [(r, p) for r, p in enumerate(parts) if isinstance(p, _Failed)]
