@@ -38,7 +38,7 @@ def compare(reference: Path, other: Path) -> tuple[float, int, int]:
     with safe_open(str(reference), "pt", device=dev) as fa, safe_open(str(other), "pt", device=dev) as fb:
         if set(fa.keys()) != set(fb.keys()):
             raise SystemExit(f"{other} holds different tensors than {reference}")
-        for k in fa.keys():
+        for k in fa.keys():  # noqa: SIM118 (safe_open has no __iter__)
             a, b = fa.get_tensor(k), fb.get_tensor(k)
             if a.shape != b.shape:
                 raise SystemExit(f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}")

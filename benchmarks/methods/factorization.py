@@ -31,6 +31,57 @@ def timed(fn, reps: int = 3, warm: bool = True) -> float:
     return statistics.median(out)
 
 
+def gram_steps(tokens: int, d_in: int, dev: str, g: torch.Generator, add) -> None:
+    """One Gram update (three ways), then Cholesky, S⁻¹ and eigh of a ``d_in``² SPD matrix."""
+    x = torch.randn(tokens, d_in, device=dev, generator=g).to(torch.bfloat16)
+    acc = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
+    flops = 2.0 * tokens * d_in * d_in
+
+    def gram64():
+        x64 = x.double()
+        acc.add_(x64.T @ x64)
+
+    def gram64_addmm():
+        x64 = x.double()
+        acc.addmm_(x64.T, x64)
+
+    def gram32():
+        x32 = x.float()
+        acc.add_(x32.T @ x32)
+
+    add("gram_update_fp64", f"{tokens}x{d_in}", timed(gram64), flops)
+    add("gram_update_fp64_addmm", f"{tokens}x{d_in}", timed(gram64_addmm), flops)
+    add("gram_update_fp32_then_fp64", f"{tokens}x{d_in}", timed(gram32), flops)
+    xs = torch.randn(4 * d_in, d_in, device=dev, generator=g, dtype=torch.float64)
+    gram = xs.T @ xs  # well conditioned: 4·d_in random tokens
+    eye = torch.eye(d_in, dtype=torch.float64, device=dev)
+    chol = torch.linalg.cholesky(gram)
+    add("cholesky_ex", f"{d_in}", timed(lambda: torch.linalg.cholesky_ex(gram)))
+    add(
+        "solve_triangular(L, I)",
+        f"{d_in}",
+        timed(lambda: torch.linalg.solve_triangular(chol, eye, upper=False)),
+    )
+    add("inv_ex(L)", f"{d_in}", timed(lambda: torch.linalg.inv_ex(chol)))
+    add("eigh", f"{d_in}", timed(lambda: torch.linalg.eigh(gram), reps=1, warm=False))
+
+
+def svd_steps(m: int, n: int, dev: str, g: torch.Generator, add) -> None:
+    """The float64 SVD of an ``m × n`` matrix by each cuSOLVER driver, and the eigen route."""
+    w = torch.randn(m, n, device=dev, generator=g, dtype=torch.float64)
+    for driver in (None, "gesvd", "gesvdj", "gesvda"):
+        if driver == "gesvda" and m < n:
+            continue
+        try:
+            s = timed(lambda d=driver: torch.linalg.svd(w, full_matrices=False, driver=d), reps=1, warm=False)
+        except RuntimeError as err:  # a driver may refuse a shape
+            print(f"svd {driver}: {err}")
+            continue
+        add(f"svd[{driver or 'default'}]", f"{m}x{n}", s)
+    add("eigh of the smaller Gram (W Wᵀ or WᵀW)", f"{m}x{n}",
+        timed(lambda: torch.linalg.eigh(w @ w.T if m <= n else w.T @ w), reps=1, warm=False))  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -48,54 +99,9 @@ def main() -> None:
         print(f"{step:34s} {shape:14s} {seconds * 1e3:10.2f} ms", flush=True)
 
     for d_in in (4096, 11008):
-        x = torch.randn(a.tokens, d_in, device=dev, generator=g).to(torch.bfloat16)
-        acc = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
-        flops = 2.0 * a.tokens * d_in * d_in
-
-        def gram64():
-            x64 = x.double()
-            acc.add_(x64.T @ x64)
-
-        def gram64_addmm():
-            x64 = x.double()
-            acc.addmm_(x64.T, x64)
-
-        def gram32():
-            x32 = x.float()
-            acc.add_(x32.T @ x32)
-
-        add("gram_update_fp64", f"{a.tokens}x{d_in}", timed(gram64), flops)
-        add("gram_update_fp64_addmm", f"{a.tokens}x{d_in}", timed(gram64_addmm), flops)
-        add("gram_update_fp32_then_fp64", f"{a.tokens}x{d_in}", timed(gram32), flops)
-        # a well-conditioned SPD Gram from 4·d_in random tokens
-        xs = torch.randn(4 * d_in, d_in, device=dev, generator=g, dtype=torch.float64)
-        gram = xs.T @ xs
-        del xs
-        eye = torch.eye(d_in, dtype=torch.float64, device=dev)
-        add("cholesky_ex", f"{d_in}", timed(lambda: torch.linalg.cholesky_ex(gram)))
-        chol = torch.linalg.cholesky(gram)
-        add(
-            "solve_triangular(L, I)",
-            f"{d_in}",
-            timed(lambda: torch.linalg.solve_triangular(chol, eye, upper=False)),
-        )
-        add("inv_ex(L)", f"{d_in}", timed(lambda: torch.linalg.inv_ex(chol)))
-        add("eigh", f"{d_in}", timed(lambda: torch.linalg.eigh(gram), reps=1, warm=False))
-        del gram, chol, eye, acc, x
+        gram_steps(a.tokens, d_in, dev, g, add)
     for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
-        w = torch.randn(m, n, device=dev, generator=g, dtype=torch.float64)
-        for driver in (None, "gesvd", "gesvdj", "gesvda"):
-            if driver == "gesvda" and m < n:
-                continue
-            try:
-                s = timed(lambda: torch.linalg.svd(w, full_matrices=False, driver=driver), reps=1, warm=False)
-            except RuntimeError as err:  # a driver may refuse a shape
-                print(f"svd {driver}: {err}")
-                continue
-            add(f"svd[{driver or 'default'}]", f"{m}x{n}", s)
-        add("eigh of the smaller Gram (W Wᵀ or WᵀW)", f"{m}x{n}",
-            timed(lambda: torch.linalg.eigh(w @ w.T if m <= n else w.T @ w), reps=1, warm=False))  # fmt: skip
-        del w
+        svd_steps(m, n, dev, g, add)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0]))

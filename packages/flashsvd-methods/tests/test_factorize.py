@@ -272,8 +272,8 @@ def test_svd_signs_are_canonical():
     g = torch.Generator().manual_seed(4)
     m = torch.randn(30, 20, generator=g, dtype=torch.float64)
     for driver in ("svd", "gram"):
-        p, s, q, _ = truncated_svd(m, 5, driver=driver)
-        pp, sp, qp, _ = truncated_svd(
+        p, _s, q, _ = truncated_svd(m, 5, driver=driver)
+        pp, _sp, qp, _ = truncated_svd(
             m * (1 + 1e-15 * torch.randn(m.shape, generator=g, dtype=torch.float64)), 5, driver=driver
         )
         assert torch.allclose(p, pp, atol=1e-10) and torch.allclose(q, qp, atol=1e-10)
@@ -306,3 +306,34 @@ def test_whitening_transform_leaves_the_gram_untouched():
     damped = gram + 0.1 * gram.diagonal().mean() * torch.eye(12, dtype=torch.float64)
     assert torch.allclose(t.forward @ t.forward.T, damped, atol=1e-9)
     assert torch.allclose(t.forward @ t.inverse, torch.eye(12, dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_projection_route_equals_cholesky_route(with_scale):
+    """Wide matrices skip the Cholesky factor: same factors as ``trunc_r(L W S) S⁻¹`` (float64)."""
+    from flashsvd.methods.linalg import projected_lowrank, weighted_lowrank, whitening_transform
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 24, generator=g, dtype=torch.float64) * torch.linspace(
+        0.1, 3, 24, dtype=torch.float64
+    )
+    gram = x.T @ x
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    scale = torch.rand(10, generator=g, dtype=torch.float64) + 0.5 if with_scale else None
+    u1, v1, s1 = weighted_lowrank(w, 4, whitening_transform(gram), scale)
+    u2, v2, s2 = projected_lowrank(w, 4, gram, scale)
+    assert torch.allclose(s1, s2, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(u1, u2, atol=1e-9) and torch.allclose(v1, v2, atol=1e-9)
+
+
+def test_whiten_with_singular_gram_is_optimal_and_finite():
+    """Fewer tokens than inputs: no jitter needed; the fit is exact on the data it saw."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)  # rank-5 Gram of a 16-wide input
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    st = LayerStatistics(in_features=16)
+    st.update(x)
+    f = factorize(w, 5, "whiten", stats=st)
+    merged = f.merged_weight().to(torch.float64)
+    assert torch.isfinite(merged).all()
+    assert torch.allclose(x @ merged.T, x @ w.T, atol=1e-8)  # rank 5 reproduces every seen output

@@ -61,6 +61,28 @@ def diagonal_transform(scale: torch.Tensor, what: str, floor: float = 1e-12) -> 
     return InputTransform(scale, 1.0 / scale, diagonal=True)
 
 
+def checked_gram(gram: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, float]:
+    """``(XᵀX + damping·mean(diag)·I, mean(diag))`` in float64, after the checks every use needs.
+
+    No copy is made when the Gram already is float64 and no damping is asked for (Cholesky and eigh
+    read one triangle only). A zero or non-finite Gram raises :class:`NonFiniteStatisticsError`.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ShapeError(f"Gram matrix must be square [in, in], got {tuple(gram.shape)}.")
+    g = gram.to(torch.float64)
+    check_finite(g, "Gram matrix XᵀX")
+    scale = float(torch.diagonal(g).mean())
+    if not scale > 0.0:
+        raise NonFiniteStatisticsError(
+            "Gram matrix XᵀX has a zero (or negative) trace: the layer saw no calibration tokens or only "
+            "zeros. Run calibration on real inputs before using a data-aware method."
+        )
+    if damping > 0.0:
+        g = g.clone()
+        g.diagonal().add_(damping * scale)
+    return g, scale
+
+
 def whitening_transform(
     gram: torch.Tensor,
     *,
@@ -75,21 +97,9 @@ def whitening_transform(
     fallback clamps the spectrum at ``1e-10 · λ_max`` and uses ``S = Q Λ^½``. A zero or non-finite
     Gram matrix raises :class:`NonFiniteStatisticsError` instead of returning garbage.
     """
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ShapeError(f"Gram matrix must be square [in, in], got {tuple(gram.shape)}.")
-    g = gram.to(torch.float64)  # no copy when it already is: Cholesky and eigh read one triangle only
-    check_finite(g, "Gram matrix XᵀX")
-    scale = float(torch.diagonal(g).mean())
-    if not scale > 0.0:
-        raise NonFiniteStatisticsError(
-            "Gram matrix XᵀX has a zero (or negative) trace: the layer saw no calibration tokens or only "
-            "zeros. Run calibration on real inputs before using a data-aware method."
-        )
     # Square float64 buffers are the memory peak of a big layer (d_in = 11008: 0.97 GB each), so the
     # Gram is copied only when its diagonal must change, and S⁻¹ is solved in place of the identity.
-    if damping > 0.0:
-        g = g.clone()
-        g.diagonal().add_(damping * scale)
+    g, scale = checked_gram(gram, damping)
     jitter = 0.0
     rel = 1e-10
     while True:
@@ -197,6 +207,42 @@ def weighted_lowrank(
     return u_t.T.contiguous(), left.T.contiguous(), s_all
 
 
+def projected_lowrank(
+    w: torch.Tensor,
+    rank: int,
+    gram: torch.Tensor,
+    out_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`weighted_lowrank` with ``R Rᵀ = gram`` for a wide ``W`` (``out ≤ in``), without ``R``.
+
+    With ``M = L W R``: ``M Mᵀ = L W G Wᵀ L`` (``[out, out]``), its top-``r`` eigenvectors ``P_r`` span
+    the best rank-``r`` subspace, and ``Ŵ = L⁻¹ P_r P_rᵀ L W`` (the ``R`` cancels). So a wide matrix never
+    needs the Cholesky factor of its ``[in, in]`` Gram or that factor's inverse: for a LLaMA-7B
+    ``down_proj`` that skips two 11008² float64 matrices (1.9 GB) and their solves. A singular Gram
+    needs no jitter here. Factors are split with ``√σ`` on both sides, as :func:`weighted_lowrank`;
+    directions the data never reached (``σ ≈ 0``) get zero factors.
+    """
+    m = w.to(torch.float64)
+    if out_scale is not None:
+        m = m * out_scale.to(torch.float64)[:, None]
+    c = (m @ gram.to(torch.float64)) @ m.T
+    evals, evecs = torch.linalg.eigh(c)  # reads one triangle; ascending
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    s_all = evals.clamp_min(0).sqrt()
+    p = evecs[:, :rank]
+    idx = p.abs().argmax(dim=0)
+    sign = torch.sign(p.gather(0, idx[None]).squeeze(0))
+    p = p * torch.where(sign == 0, torch.ones_like(sign), sign)
+    s = s_all[:rank]
+    alive = s > s_all[0] * 1e-12 if s_all.numel() else s > 0
+    root = torch.where(alive, s.sqrt(), torch.ones_like(s))
+    u_t = (p.T @ m) / root[:, None] * alive[:, None]  # diag(σ^-½) Pᵀ L W   [r, in]
+    left = p * (root * alive)  # P σ^½   [out, r]
+    if out_scale is not None:
+        left = left / out_scale.to(torch.float64)[:, None]
+    return u_t.T.contiguous(), left.T.contiguous(), s_all
+
+
 def split_heads(w: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
     """Row blocks ``W_h: [d_head, in]`` of an ``[H·d_head, in]`` weight."""
     out = w.shape[0]
@@ -216,21 +262,29 @@ def factor_heads(
     transform: InputTransform | None = None,
     out_scale: torch.Tensor | None = None,
     n_heads: int | None = None,
+    gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """:func:`weighted_lowrank` on the whole matrix, or on each head's row block when ``n_heads``.
 
     The input transform is shared by all heads (it describes the common input); ``out_scale`` is
-    sliced per head. Returns ``u``, ``v`` (2-D or per-head 3-D) and the weighted spectra.
+    sliced per head. With ``gram`` instead of ``transform`` (whitening by ``R Rᵀ = gram``), every
+    block must be wide and :func:`projected_lowrank` runs. Returns ``u``, ``v`` (2-D or per-head 3-D)
+    and the weighted spectra.
     """
+
+    def one(wh: torch.Tensor, scale_h: torch.Tensor | None):
+        if gram is not None:
+            return projected_lowrank(wh, rank, gram, scale_h)
+        return weighted_lowrank(wh, rank, transform, scale_h)
+
     if n_heads is None:
-        u, v, s = weighted_lowrank(w, rank, transform, out_scale)
+        u, v, s = one(w, out_scale)
         return u, v, [s]
     heads = split_heads(w, n_heads)
     d = heads[0].shape[0]
     us, vs, spectra = [], [], []
     for h, wh in enumerate(heads):
-        scale_h = None if out_scale is None else out_scale[h * d : (h + 1) * d]
-        u, v, s = weighted_lowrank(wh, rank, transform, scale_h)
+        u, v, s = one(wh, None if out_scale is None else out_scale[h * d : (h + 1) * d])
         us.append(u)
         vs.append(v)
         spectra.append(s)

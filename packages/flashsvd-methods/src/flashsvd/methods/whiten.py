@@ -20,7 +20,13 @@ import torch
 
 from flashsvd.methods.calibration import LayerStatistics
 from flashsvd.methods.errors import CalibrationMissingError
-from flashsvd.methods.linalg import InputTransform, check_finite, factor_heads, whitening_transform
+from flashsvd.methods.linalg import (
+    InputTransform,
+    check_finite,
+    checked_gram,
+    factor_heads,
+    whitening_transform,
+)
 
 
 def whitening_of(stats: LayerStatistics | None, method: str, damping: float) -> InputTransform:
@@ -48,10 +54,21 @@ def whiten_method(
     minimize ``‖diag(f)(W − Ŵ)Xᵀ‖`` — errors on outputs the loss is sensitive to cost more (the
     two-sided closed form; FWSVD's idea on the output side, whitening on the input side).
     """
+    out_scale = output_fisher_scale(stats) if output_fisher else None
+    rows = weight.shape[0] // (n_heads or 1)
+    paired = use_cross and stats is not None and stats.cross is not None
+    if not paired and rows <= weight.shape[1] and stats is not None and stats.gram is not None:
+        # wide (every head's block, o_proj, down_proj): the projection route needs no Cholesky
+        gram, _ = checked_gram(stats.gram, damping)
+        u, v, _ = factor_heads(weight, rank, out_scale=out_scale, n_heads=n_heads, gram=gram)
+        info = {"jitter": 0.0, "fallback": None, "target": "inputs", "route": "projection"}
+        if output_fisher:
+            info["output_fisher"] = True
+        return u, v, info
     transform = whitening_of(stats, "whiten", damping)
     w = weight
     target = "inputs"
-    if use_cross and stats is not None and stats.cross is not None:
+    if paired:
         # transform.inverse is S⁻¹; W crossᵀ G⁻¹ = W crossᵀ S⁻ᵀ S⁻¹.
         w = (
             (weight.to(torch.float64) @ stats.cross.to(torch.float64).T)
@@ -60,7 +77,6 @@ def whiten_method(
         )
         check_finite(w, "regression target W·crossᵀ·G⁻¹")
         target = "dense outputs"
-    out_scale = output_fisher_scale(stats) if output_fisher else None
     u, v, _ = factor_heads(w, rank, transform=transform, out_scale=out_scale, n_heads=n_heads)
     info = {"jitter": transform.jitter, "fallback": transform.fallback, "target": target}
     if output_fisher:
