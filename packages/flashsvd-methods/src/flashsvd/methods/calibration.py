@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from flashsvd.methods.errors import CalibrationMissingError, ShapeError
-from flashsvd.methods.linalg import check_finite
+from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite
 
 InputOf = Callable[[nn.Module, tuple], torch.Tensor]
 WeightOf = Callable[[nn.Module], torch.Tensor]
@@ -74,14 +74,23 @@ class LayerStatistics:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[1] != self.in_features:
             raise ShapeError(f"input has {x.shape[1]} features, statistics expect {self.in_features}.")
-        x64 = x.to(torch.float64)
-        if gram:  # in place: a second [in, in] float64 buffer per batch would be the peak (11008²: 0.97 GB)
-            self.gram = x64.T @ x64 if self.gram is None else self.gram.addmm_(x64.T, x64)
-            xs = x64.sum(0)
+        if gram:  # in place, by token blocks: no second [in, in] buffer, small float64 copies of x
+            if self.gram is None:
+                self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            step = max(1, STREAM_CHUNK_ELEMENTS // x.shape[1])
+            for lo in range(0, x.shape[0], step):
+                xb = x[lo : lo + step].to(torch.float64)
+                self.gram.addmm_(xb.T, xb)
+            xs = x.sum(0, dtype=torch.float64)
             self.x_sum = xs if self.x_sum is None else self.x_sum.add_(xs)
         if scales:
-            a = x64.abs()
-            s, m = a.sum(0), a.amax(0) if a.shape[0] else torch.zeros_like(a[0])
+            a = x.abs()
+            s = a.sum(0, dtype=torch.float64)
+            m = (
+                a.amax(0).to(torch.float64)
+                if a.shape[0]
+                else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+            )
             self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         self.n_tokens += x.shape[0]

@@ -15,6 +15,8 @@ import torch
 
 from flashsvd.methods.errors import NonFiniteStatisticsError, ShapeError
 
+STREAM_CHUNK_ELEMENTS = 1 << 23  # float64 temporaries of streamed products: 64 MB
+
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteStatisticsError` if ``tensor`` holds NaN or Inf."""
@@ -225,7 +227,11 @@ def projected_lowrank(
     m = w.to(torch.float64)
     if out_scale is not None:
         m = m * out_scale.to(torch.float64)[:, None]
-    c = (m @ gram.to(torch.float64)) @ m.T
+    gram = gram.to(torch.float64)
+    c = m.new_empty(m.shape[0], m.shape[0])
+    step = max(1, STREAM_CHUNK_ELEMENTS // m.shape[1])  # row blocks: the [rows, in] product stays small
+    for lo in range(0, m.shape[0], step):
+        c[lo : lo + step] = (m[lo : lo + step] @ gram) @ m.T
     evals, evecs = torch.linalg.eigh(c)  # reads one triangle; ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
     s_all = evals.clamp_min(0).sqrt()
