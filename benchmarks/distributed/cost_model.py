@@ -8,10 +8,15 @@ group's statistics are all-reduced (ring: ``2(N−1)/N · bytes`` per GPU); the 
 factorized on different ranks (:func:`flashsvd.methods.distributed.spread`), so within a group the
 factorization takes as long as its largest matrix once N ≥ the group's size.
 
-The throughputs below are assumptions (labelled), to be replaced by one-GPU timings: that measurement
-is left for a session with device time (issue 18 then measures 2 GPUs).
+The throughputs below are assumptions (labelled). ``--measured`` replaces them by the per-block
+split that ``benchmarks/distributed/scaling.py`` measured on H200s (1 and 2 processes): the forward
+passes and statistics divide by N, the factorization is kept at its one-GPU time (conservative: it
+went from 30.0 to 22.4 s on 2 GPUs, as each group waits for its largest matrix), the all-reduce grows
+as ``2(N−1)/N``.
 
     python benchmarks/distributed/cost_model.py [--csv benchmarks/results/distributed_cost_model_llama7b.csv]
+    python benchmarks/distributed/cost_model.py --measured benchmarks/results/distributed_h200x2_blocks.csv \
+        --csv benchmarks/results/distributed_projection_llama7b.csv
 """
 
 from __future__ import annotations
@@ -84,11 +89,53 @@ def block_seconds(n: int, spread: str = "group") -> dict[str, float]:
     return {"forward": forward, "statistics": statistics, "factorization": factor, "all_reduce": comm}
 
 
+def measured_rows(blocks_csv: str) -> list[dict]:
+    """Seconds for the whole model on N GPUs from the measured per-block split (1 and 2 processes)."""
+    with open(blocks_csv) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["event"].startswith("block ")]
+    by_n: dict[int, list[dict]] = {}
+    for r in rows:
+        by_n.setdefault(int(r["processes"]), []).append(r)
+
+    def mean(n: int, col: str) -> float:
+        return sum(float(r[col]) for r in by_n[n]) / len(by_n[n])
+
+    layers = len(by_n[1])
+    block, factor = mean(1, "seconds"), mean(1, "factorization_seconds")
+    rest = block - factor  # forward passes, Gram updates, host<->device copies
+    reduce2 = mean(2, "all_reduce_seconds") if 2 in by_n else 0.0
+    out, base = [], None
+    for n in (1, 2, 4, 8):
+        comm = reduce2 * 2 * (n - 1) / n if n > 1 else 0.0
+        total = (rest / n + factor + comm) * layers
+        base = base or total
+        measured = sum(float(r["seconds"]) for r in by_n[n]) if n in by_n else None
+        out.append({"gpus": n, "forward_and_statistics": round(rest / n * layers, 1),
+                    "factorization": round(factor * layers, 1), "all_reduce": round(comm * layers, 1),
+                    "total_s": round(total, 1), "speedup": round(base / total, 2),
+                    "measured_total_s": "" if measured is None else round(measured, 1),
+                    "device": by_n[1][0]["device"], "calib": by_n[1][0]["calib"]})  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--spread", choices=["group", "block"], default="group", help="matrices spread together")
+    p.add_argument("--measured", help="per-block CSV of scaling.py: project from measured stage times")
     args = p.parse_args(argv)
+    if args.measured:
+        rows = measured_rows(args.measured)
+        cols = list(rows[0])[:7]
+        print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        if args.csv:
+            with open(args.csv, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        return 0
     per_block_bytes = sum(gram_bytes(g) for g in GROUPS)
     print(
         f"all-reduced per block: {per_block_bytes / 1e9:.2f} GB (float64 Gram{' + cross' if PAIRED else ''})"

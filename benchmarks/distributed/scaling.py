@@ -61,8 +61,45 @@ def summary_row(blocks_csv: Path, processes: int) -> dict[str, str]:
     return rows[-1]
 
 
+def plot(blocks_csv: Path, png: Path) -> None:
+    """Per-block wall time for each process count, with its factorization and all-reduce shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with blocks_csv.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["event"].startswith("block ")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for n in sorted({int(r["processes"]) for r in rows}):
+        mine = [r for r in rows if int(r["processes"]) == n]
+        x = [int(r["event"].split()[1]) for r in mine]
+        total = sum(float(r["seconds"]) for r in mine)
+        ax.plot(
+            x,
+            [float(r["seconds"]) for r in mine],
+            marker=".",
+            label=f"{n} GPU(s): block ({total:.0f} s total)",
+        )
+        ax.plot(
+            x, [float(r["factorization_seconds"]) for r in mine], ls="--", label=f"{n} GPU(s): factorization"
+        )
+        if n > 1:
+            ax.plot(
+                x, [float(r["all_reduce_seconds"]) for r in mine], ls=":", label=f"{n} GPU(s): all-reduce"
+            )
+    r0 = rows[0]
+    ax.set(xlabel="decoder block", ylabel="seconds", ylim=(0, None),
+           title=f"{r0['model']} whiten sequential, {r0['calib']} tokens, {r0['device']}, torch {r0['torch']}")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot-only", type=Path, default=None, metavar="PNG",
+                   help="only draw --blocks-csv (an earlier run) to this PNG")  # fmt: skip
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--n-calib", type=int, default=256)
@@ -77,6 +114,9 @@ def main() -> None:
     p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--blocks-csv", type=Path, required=True)
     a = p.parse_args()
+    if a.plot_only is not None:
+        plot(a.blocks_csv, a.plot_only)
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
     if a.tiny:
@@ -122,6 +162,7 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    plot(a.blocks_csv, a.csv.with_suffix(".png"))
 
 
 if __name__ == "__main__":
