@@ -122,3 +122,21 @@ def test_paired_cross_stats_and_groups(gen):
     # within a block, group b sees the compressed a: differs from dense
     assert not torch.allclose(s["0.b"].cross, s["0.b"].gram)
     assert isinstance(s["2.b"], LayerStatistics)
+
+
+def test_blockwise_in_place_advances_the_given_list():
+    """``in_place=True``: the caller's list ends as the last block's outputs (first inputs freed early)."""
+    from flashsvd.methods import calibrate_blockwise
+
+    torch.manual_seed(0)
+    blocks = [nn.Linear(4, 4) for _ in range(2)]
+    inputs = [torch.randn(3, 4) for _ in range(2)]
+    keep = [x.clone() for x in inputs]
+    results_copy = calibrate_blockwise(blocks, list(inputs), lambda b, x: b(x), lambda i, b: {f"{i}": b},
+                                       lambda i, st: sorted(st), mode="all_at_once")  # fmt: skip
+    calibrate_blockwise(blocks, inputs, lambda b, x: b(x), lambda i, b: {f"{i}": b}, lambda i, st: sorted(st),
+                        mode="all_at_once", in_place=True)  # fmt: skip
+    with torch.no_grad():
+        expected = [blocks[1](blocks[0](x)) for x in keep]
+    assert all(torch.allclose(a, b) for a, b in zip(inputs, expected))
+    assert results_copy == [["0"], ["1"]]

@@ -60,6 +60,7 @@ def calibrate_blockwise(
     reference_inputs: list[Any] | None = None,
     place: Callable[[nn.Module, bool], None] | None = None,
     done: Callable[[int, list[Any], list[Any] | None], None] | None = None,
+    in_place: bool = False,
 ) -> list[Any]:
     """Calibrate and compress ``blocks`` in order; returns what ``compress`` returned, per group.
 
@@ -76,6 +77,9 @@ def calibrate_blockwise(
             ``blocks[start]`` (and ``reference_inputs`` the dense model's, when ``paired``).
         place: ``place(block, True)`` before a block is processed, ``place(block, False)`` after.
         done: ``done(i, next_inputs, next_reference_inputs)`` after block ``i`` is finished.
+        in_place: advance ``inputs`` itself (each entry replaced by the next block's input as soon as
+            it is computed), so only one batch beyond one copy of the activations is alive; otherwise
+            ``inputs`` is left as it was and the first block's inputs stay alive throughout.
     """
     if mode not in ("sequential", "all_at_once"):
         raise FlashSVDMethodError(f"mode must be 'sequential' or 'all_at_once', got {mode!r}.")
@@ -83,7 +87,7 @@ def calibrate_blockwise(
         raise FlashSVDMethodError("paired=True only makes sense with mode='sequential'.")
     if not inputs:
         raise FlashSVDMethodError("no cached calibration inputs: pass at least one batch for block 0.")
-    current = list(inputs)
+    current = inputs if in_place else list(inputs)
     dense_stream = (
         (list(reference_inputs) if reference_inputs is not None else list(inputs)) if paired else None
     )
@@ -102,7 +106,7 @@ def calibrate_blockwise(
                     outs = [run_block(block, inp) for inp in current]
                 for group in groups:
                     results.append(compress(i, {name: stats.pop(name) for name in group if name in stats}))
-                current = outs
+                current[:] = outs
             else:
                 reference = copy.deepcopy(block) if paired else None
                 ref_groups = _groups(targets(i, reference)) if paired else None
@@ -126,7 +130,8 @@ def calibrate_blockwise(
                     results.append(compress(i, stats))
                     del stats
                 del reference
-                current = [run_block(block, inp) for inp in current]
+                for j, inp in enumerate(current):
+                    current[j] = run_block(block, inp)
                 if paired:
                     dense_stream = dense_next
             if place is not None:

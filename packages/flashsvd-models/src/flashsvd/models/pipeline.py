@@ -590,7 +590,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
 
     calibrate_blockwise_distributed(blocks, inputs, run_block, groups, compress_group, mode="sequential",
                         paired=recipe.paired, start=start, reference_inputs=reference, place=place, done=done,
-                        scales=spec.name == "asvd")  # fmt: skip
+                        scales=spec.name == "asvd", in_place=True)  # fmt: skip
     return {"sequential": True, "paired": recipe.paired, "resumed_from_block": start if start else None,
             "inputs_on": str(home or inputs[0][0][0].device), "blocks": timing.rows}  # fmt: skip
 
