@@ -60,8 +60,9 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def flashsvd_block(config: dict[str, Any]) -> dict[str, Any] | None:
     """The ``quantization_config`` block a flashsvd checkpoint carries (None for a dense model)."""
-    block = config.get("quantization_config")
-    return block if isinstance(block, dict) and block.get("quant_method") == "flashsvd" else None
+    from flashsvd.models.checkpoint import flashsvd_block as block_of
+
+    return block_of(config)
 
 
 def resolve(model: str | None) -> ModelSource:
@@ -284,29 +285,11 @@ def load_tokenizer(source: ModelSource, fallback: ModelSource | None = None) -> 
     return tok
 
 
-def installed_models_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("flashsvd-models")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
-
-
 def check_checkpoint_version(config: dict[str, Any], where: Path) -> None:
     """A checkpoint in a newer format than the installed flashsvd-models reads cannot be loaded."""
-    from flashsvd.models.checkpoint import FORMAT_VERSION
+    from flashsvd.models.checkpoint import CheckpointError, check_format
 
-    block = flashsvd_block(config) or {}
-    written = block.get("format_version", 0)
-    made_by = (block.get("versions") or {}).get("flashsvd-models", "a newer version")
     try:
-        newer = int(written) > int(FORMAT_VERSION)
-    except (TypeError, ValueError):
-        newer = True
-    if newer:
-        raise AppError(
-            f"{where} is a checkpoint in format {written}, written by flashsvd-models {made_by}; the installed "
-            f"flashsvd-models {installed_models_version()} reads format {FORMAT_VERSION} at most",
-            hint="upgrade: pip install -U flashsvd-models flashsvd-app",
-        )
+        check_format(flashsvd_block(config) or {}, where)
+    except CheckpointError as err:
+        raise AppError(str(err), hint="upgrade: pip install -U flashsvd-models flashsvd-app") from err

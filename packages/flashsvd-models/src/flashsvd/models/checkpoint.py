@@ -44,6 +44,7 @@ from flashsvd.models.runtime import get_module, set_module
 
 __all__ = [
     "CheckpointError",
+    "check_format",
     "FORMAT_VERSION",
     "attach_config",
     "flashsvd_block",
@@ -103,8 +104,16 @@ def attach_config(model: nn.Module, report) -> None:
 
 
 def flashsvd_block(config) -> dict[str, Any] | None:
-    """The ``quantization_config`` block of a config if it is ours (dict or config object), else None."""
-    q = getattr(config, "quantization_config", None)
+    """The ``quantization_config`` block of a config if it is ours, else None.
+
+    ``config`` is a config object or the parsed ``config.json`` (a dict): the one test of "is this a
+    flashsvd checkpoint" for this package and the app.
+    """
+    q = (
+        config.get("quantization_config")
+        if isinstance(config, Mapping)
+        else getattr(config, "quantization_config", None)
+    )
     if q is None:
         return None
     d = q if isinstance(q, Mapping) else q.to_dict() if hasattr(q, "to_dict") else None
@@ -333,18 +342,33 @@ def save_compressed(
 
 
 # ---- load -----------------------------------------------------------------------------------------
-def _check_block(block: Mapping[str, Any], path: Path) -> None:
-    """Refuse a compression block whose fields would build a wrong model (clear messages, no tracebacks)."""
+def check_format(block: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose ``format_version`` this flashsvd-models cannot read (a newer one)."""
     version = block.get("format_version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(
             f"{path}: quantization_config.format_version must be an integer, got {version!r}"
         )
     if version > FORMAT_VERSION:
+        made_by = (block.get("versions") or {}).get("flashsvd-models", "a newer version")
         raise CheckpointError(
-            f"{path}: format_version {version} is newer than this flashsvd-models supports "
-            f"({FORMAT_VERSION}); upgrade flashsvd-models"
+            f"{path} is a checkpoint in format {version}, written by flashsvd-models {made_by}; the installed "
+            f"flashsvd-models {_installed_version()} reads format {FORMAT_VERSION} at most: upgrade flashsvd-models"
         )
+
+
+def _installed_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("flashsvd-models")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _check_block(block: Mapping[str, Any], path: Path) -> None:
+    """Refuse a compression block whose fields would build a wrong model (clear messages, no tracebacks)."""
+    check_format(block, path)
     ranks = block.get("ranks")
     if not isinstance(ranks, Mapping):
         raise CheckpointError(f"{path}: quantization_config.ranks is missing or not a mapping")
