@@ -1,4 +1,4 @@
-"""Our metrics against scipy's and hand-computed values."""
+"""The metric wrappers against hand-computed values and scipy, edge cases included."""
 
 import math
 import random
@@ -15,6 +15,7 @@ def test_accuracy_and_f1():
     # tp=2 fp=1 fn=1 → F1 = 4/6
     assert M.f1(pred, gold) == pytest.approx(2 / 3)
     assert M.f1([0, 0], [0, 0]) == 0.0
+    assert M.f1([1, 0, 0], [0, 0, 1], positive=0) == pytest.approx(0.5)
 
 
 def test_matthews_against_formula_and_degenerate():
@@ -31,7 +32,7 @@ def test_correlations_match_scipy_with_ties():
     y = [v + rng.gauss(0, 1) for v in x]
     assert M.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
     assert M.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-    assert M.rankdata([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0]
+    assert math.isnan(M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
 def test_bad_inputs_raise():

@@ -1,11 +1,15 @@
-"""Task metrics, implemented here (small, exact, tested) so evaluation never needs a network.
+"""Task metrics through scikit-learn and scipy: GLUE's definitions, no arithmetic of our own.
 
-All functions take plain sequences of numbers and return Python floats.
+``evaluate``'s GLUE metric modules compute exactly these calls (accuracy, binary F1 and Matthews from
+``sklearn.metrics``; Pearson and Spearman from ``scipy.stats``) but are fetched from the Hugging Face
+hub on first use; calling the libraries directly keeps evaluation offline. The wrappers only check
+the inputs (same length, not empty) and return Python floats.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 
@@ -17,62 +21,50 @@ def _check(pred: Sequence, gold: Sequence) -> None:
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
+    from sklearn.metrics import accuracy_score
+
     _check(pred, gold)
-    return sum(int(p) == int(g) for p, g in zip(pred, gold)) / len(gold)
+    return float(accuracy_score([int(g) for g in gold], [int(p) for p in pred]))
 
 
 def f1(pred: Sequence[int], gold: Sequence[int], positive: int = 1) -> float:
     """Binary F1 of the ``positive`` class (GLUE's MRPC/QQP convention); 0 when nothing is positive."""
+    from sklearn.metrics import f1_score
+
     _check(pred, gold)
-    tp = sum(int(p) == positive and int(g) == positive for p, g in zip(pred, gold))
-    fp = sum(int(p) == positive and int(g) != positive for p, g in zip(pred, gold))
-    fn = sum(int(p) != positive and int(g) == positive for p, g in zip(pred, gold))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    return float(f1_score([int(g) for g in gold], [int(p) for p in pred], pos_label=positive,
+                          labels=[positive], average="micro", zero_division=0))  # fmt: skip
 
 
 def matthews_corrcoef(pred: Sequence[int], gold: Sequence[int]) -> float:
-    """Matthews correlation for binary labels (CoLA); 0 when a margin is empty, as scikit-learn does."""
+    """Matthews correlation (CoLA); 0 when a margin is empty."""
+    from sklearn.metrics import matthews_corrcoef as mcc
+
     _check(pred, gold)
-    tp = sum(int(p) == 1 and int(g) == 1 for p, g in zip(pred, gold))
-    tn = sum(int(p) == 0 and int(g) == 0 for p, g in zip(pred, gold))
-    fp = sum(int(p) == 1 and int(g) == 0 for p, g in zip(pred, gold))
-    fn = sum(int(p) == 0 and int(g) == 1 for p, g in zip(pred, gold))
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denom == 0 else (tp * tn - fp * fn) / denom
+    return float(mcc([int(g) for g in gold], [int(p) for p in pred]))
+
+
+def _correlation(fn, x: Sequence[float], y: Sequence[float]) -> float:
+    """``fn(x, y)``'s statistic; NaN (no warning) when either side is constant."""
+    _check(x, y)
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(fn([float(v) for v in x], [float(v) for v in y])[0])
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    _check(x, y)
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return float("nan")
-    return sxy / math.sqrt(sxx * syy)
+    from scipy.stats import pearsonr
 
-
-def rankdata(values: Sequence[float]) -> list[float]:
-    """1-based ranks with ties given their average rank (scipy.stats.rankdata's default)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        avg = (i + j) / 2 + 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = avg
-        i = j + 1
-    return ranks
+    return _correlation(pearsonr, x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation: Pearson of the tie-averaged ranks."""
-    _check(x, y)
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman rank correlation (ties get their average rank)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, x, y)
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
