@@ -5,6 +5,7 @@ These run the real ``flashsvd`` commands in child processes on the packaged Mini
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_finetune_streams_a_loss_curve_and_names_the_best_checkpoint(client, wor
     assert curve is not None
     assert best and Path(best).is_relative_to(workspace / "models" / "finetuned")
     assert (Path(best) / "config.json").is_file()
+
+
+def test_compress_tab_rank_chart_and_spectrum(client, workspace):
+    """Per-layer ranks from the checkpoint's header, and a layer's dense spectrum with its kept rank."""
+    from flashsvd.app.ui import handlers as H
+
+    folder = workspace / "compressed_models" / "ui-svd"  # made by the first test of this module
+    rows = H.layer_ranks(folder)
+    block = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert {r["layer"] for r in rows} == set(block["ranks"])
+    compressed = [r for r in rows if r["rank"] is not None]
+    assert compressed and all(0 < r["rank"] <= r["full"] for r in compressed)
+    fig = H.rank_figure(folder)
+    assert len(fig.axes[0].patches) == len(rows)
+    layer = compressed[0]["layer"]
+    fig = H.spectrum_figure("default", folder, layer)
+    (line,) = fig.axes[0].get_lines()[:1]
+    values = line.get_ydata()
+    assert len(values) == compressed[0]["full"] and all(a >= b for a, b in itertools.pairwise(values))
+    plot = client.predict("default", str(folder), layer, api_name="/spectrum")
+    assert plot is not None
+    with pytest.raises(Exception, match="not a compressed layer"):
+        client.predict("default", str(folder), "no.such.layer", api_name="/spectrum")

@@ -105,6 +105,68 @@ def run_compress(ws: Workspace, model: str, method: str, keep_ratio: float, cali
     yield state.log_tail(), report_card(out), str(out)
 
 
+def layer_ranks(folder: str | Path) -> list[dict[str, Any]]:
+    """``{layer, rank, full}`` per targeted layer of a checkpoint (rank ``None``: kept dense).
+
+    Shapes come from the weights file's header (nothing is loaded): ``u [in, H·r]`` with ``v [r, out]``
+    or, per head, ``v [H, r, d]`` (full rank ``min(in, d)``); a dense layer's ``weight [out, in]``.
+    """
+    from safetensors import safe_open
+
+    from flashsvd.app.modelio import flashsvd_block, read_config
+    from flashsvd.models.checkpoint import weights_path
+
+    block = flashsvd_block(read_config(Path(folder))) or {}
+    ranks = block.get("ranks") or {}
+    rows = []
+    with safe_open(str(weights_path(folder)), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (no __iter__)
+
+    def shape(name: str, leaf: str) -> list[int] | None:
+        hits = [v for k, v in shapes.items() if k == f"{name}.{leaf}" or k.endswith(f".{name}.{leaf}")]
+        return hits[0] if hits else None
+
+    for name, r in ranks.items():
+        u, v, w = shape(name, "u"), shape(name, "v"), shape(name, "weight")
+        if u is not None and v is not None:
+            full = min(u[0], v[-1]) if len(v) == 3 else min(u[0], v[1])
+        elif w is not None:
+            full = min(w)
+        else:
+            continue
+        rows.append({"layer": name, "rank": r, "full": int(full)})
+    return rows
+
+
+def rank_figure(folder: str | Path):
+    from flashsvd.app.ui.plots import rank_chart
+
+    return rank_chart(layer_ranks(folder))
+
+
+def spectrum_figure(model: str, folder: str | Path, layer: str):
+    """Singular values of ``layer``'s dense weight in the source ``model``, with the checkpoint's rank."""
+    import torch
+
+    from flashsvd.app import modelio
+    from flashsvd.app.ui.plots import spectrum_plot
+
+    rows = {r["layer"]: r for r in layer_ranks(folder)}
+    if layer not in rows:
+        raise UIError(f"{layer!r} is not a compressed layer of {folder}; choose one from the list")
+    dense = modelio.load(modelio.resolve((model or "default").strip()))
+    prefix = getattr(dense, "base_model_prefix", "")
+    try:
+        mod = dense.get_submodule(layer)
+    except AttributeError:
+        mod = dense.get_submodule(f"{prefix}.{layer}")
+    w = mod.weight.detach().float()
+    if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        w = w.T
+    values = torch.linalg.svdvals(w).tolist()
+    return spectrum_plot(values, rows[layer]["rank"], f"{layer} ({tuple(w.shape)})")
+
+
 # --- evaluate ---------------------------------------------------------------------------------------
 
 

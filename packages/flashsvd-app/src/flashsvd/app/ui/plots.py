@@ -1,4 +1,4 @@
-"""Figures for the Compare and Fine-tune tabs (matplotlib, drawn from result JSON rows)."""
+"""Figures for the Compress, Compare and Fine-tune tabs (matplotlib, from result rows and checkpoints)."""
 
 from __future__ import annotations
 
@@ -69,5 +69,34 @@ def memory_latency_bars(results: list[dict[str, Any]]):
         ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=30, ha="right")
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def rank_chart(rows: list[dict[str, Any]]):
+    """Kept rank per layer as a fraction of its full rank (layers kept dense drawn at 1, in grey)."""
+    fig, ax = _figure("rank per layer (fraction of full rank)")
+    if rows:
+        fig.set_size_inches(max(6.4, 0.14 * len(rows)), 3.8)
+        x = range(len(rows))
+        frac = [1.0 if r["rank"] is None else r["rank"] / r["full"] for r in rows]
+        colors = ["0.75" if r["rank"] is None else "C0" for r in rows]
+        ax.bar(x, frac, color=colors)
+        ax.set_xticks(x, [r["layer"] for r in rows], fontsize=6, rotation=90)
+        ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rank / full rank")
+    fig.tight_layout()
+    return fig
+
+
+def spectrum_plot(values, rank: int | None, title: str):
+    """Singular values of a dense weight (log scale) with the kept rank marked."""
+    fig, ax = _figure(title)
+    ax.semilogy(range(1, len(values) + 1), values)
+    if rank is not None:
+        ax.axvline(rank, color="C3", ls="--", label=f"kept rank {rank}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value")
     fig.tight_layout()
     return fig

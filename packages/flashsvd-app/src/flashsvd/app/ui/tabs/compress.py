@@ -26,10 +26,27 @@ def build(ws: Workspace) -> None:
     log = gr.Textbox(label="Progress", lines=8, max_lines=12, autoscroll=True)
     card = gr.Markdown(elem_id="compress-card")
     path = gr.Textbox(label="Checkpoint path", interactive=False, elem_id="compress-path")
+    ranks = gr.Plot(label="Rank per layer")
+    with gr.Row():
+        layer = gr.Dropdown([], label="Layer", allow_custom_value=True)
+        show = gr.Button("Show spectrum")
+    spectrum = gr.Plot(label="Singular values of the dense layer")
 
     def compress(model, method, keep, calib, samples, name):
         yield from H.run_compress(ws, model, method, keep, calib, samples, name)
 
+    def after(folder):
+        if not folder:
+            return None, gr.Dropdown(choices=[], value=None)
+        rows = H.layer_ranks(ws.confine(folder))
+        names = [r["layer"] for r in rows if r["rank"] is not None]
+        return H.rank_figure(ws.confine(folder)), gr.Dropdown(
+            choices=names, value=names[0] if names else None
+        )
+
     event = run.click(shown(compress), [model, method, keep, calib, samples, name], [log, card, path],
                       api_name="compress")  # fmt: skip
+    event.then(shown(after), path, [ranks, layer])
     cancel.click(None, None, None, cancels=[event])
+    show.click(shown(lambda m, folder, lay: H.spectrum_figure(m, ws.confine(folder), lay)), [model, path, layer],
+               spectrum, api_name="spectrum")  # fmt: skip
