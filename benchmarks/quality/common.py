@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -28,11 +27,11 @@ def log(msg: str) -> None:
 # ---- data --------------------------------------------------------------------------------------------
 def sst2_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` sentences sampled (fixed seed) from SST-2 *train* — calibration text only."""
+    from flashsvd.app.compression import pick_texts  # the CLI's own sampling of calibration texts
+
     lines = (DATA / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     sents = [ln.split("\t")[0].strip() for ln in lines if ln.strip()]
-    sents = [s for s in sents if len(s.split()) >= 4]
-    rng = random.Random(seed)
-    return rng.sample(sents, n)
+    return pick_texts(sents, n, min_words=4, seed=seed)
 
 
 def stsb_pairs() -> tuple[list[str], list[str], list[float]]:
