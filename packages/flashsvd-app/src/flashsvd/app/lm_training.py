@@ -86,8 +86,9 @@ def read_texts(path: Path, text_column: str | None = None) -> list[str]:
     """The texts of a local file through ``datasets.load_dataset`` (see ``flashsvd finetune --help``).
 
     ``.txt``/``.raw``: one text per line. ``.tsv``/``.csv``/``.jsonl``/``.json``: ``text_column`` (a name,
-    a 0-based index, or several names joined by commas), else a ``sentence``/``text`` column (or the
-    ``sentence1``+``sentence2`` pair), else the first column.
+    a 0-based index, or several joined by commas), else a ``sentence``/``text`` column (or the
+    ``sentence1``+``sentence2`` pair), else the first column. A table without a header line (GLUE's
+    STS-B ``train.tsv``) has its columns named ``0``, ``1``, ...: pass ``--text-column 7,8`` there.
     """
     import datasets
 
@@ -99,6 +100,9 @@ def read_texts(path: Path, text_column: str | None = None) -> list[str]:
     try:
         if suffix in (".tsv", ".csv"):
             kw: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+            width = _headerless_width(path, "\t" if suffix == ".tsv" else ",")
+            if width:  # no header line (GLUE's STS-B file): columns are named by their index
+                kw["column_names"] = [str(i) for i in range(width)]
             ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kw)
         elif suffix in (".jsonl", ".json"):
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
@@ -141,6 +145,18 @@ def _text_columns(path: Path, names: list[str], text_column: str | None) -> list
         if all(g in lower for g in group):
             return [lower[g] for g in group]
     return names[:1]
+
+
+def _headerless_width(path: Path, delimiter: str) -> int:
+    """The number of columns when the table's first line is data rather than a header (else 0): a header
+    names at least one column the project knows (``sentence``, ``label``, ...)."""
+    from flashsvd.app.tasks.data import CALIB_TEXT_HEADERS
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\r\n")
+    cells = {c.strip().strip('"').lower() for c in first.split(delimiter)}
+    known = {n for group in CALIB_TEXT_HEADERS for n in group} | {"label", "score", "index", "idx", "id"}
+    return 0 if cells & known else len(first.split(delimiter))
 
 
 class PackedBlocks:
