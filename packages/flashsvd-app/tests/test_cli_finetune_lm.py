@@ -95,6 +95,7 @@ def test_all_factors_train_loss_falls_and_results_json(cli, tiny_llama_ckpt, lm_
 
     model = fm.load(out)  # an ordinary flashsvd checkpoint
     assert fm.is_compressed(model)
+    assert json.loads((out / "config.json").read_text()).get("use_cache", True)  # off only while training
 
 
 def test_v_only_from_a_table_and_task_chosen_by_itself(cli, tiny_llama_ckpt, lm_files, tmp_path):

@@ -468,8 +468,9 @@ def train_lm(
 
     cfg.check()
     torch.manual_seed(cfg.seed)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache:
+        model.config.use_cache = False  # no KV cache while training; restored for the saved config
     data = pack(tokenizer, train_texts, cfg.max_length)
     model = select_trainable(model, cfg.train_params, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -526,6 +527,8 @@ def train_lm(
         model, res.lora_merge_rel_error = merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if use_cache:
+        model.config.use_cache = use_cache
     model.eval()
     if eval_text is not None and main:
         ppl = runner.perplexity(model, tokenizer, eval_text, eval_seq_len, eval_max_tokens, dev)
