@@ -71,7 +71,7 @@ def _factor_keys(weights: dict) -> set[str]:
 def _run(cli, ckpt, files, out, *extra):
     return cli("finetune", "-c", ckpt, "--train-file", files["txt"], "--output-dir", out, "--batch-size", "4",
                "--max-length", "32", "--max-steps", "10", "--learning-rate", "3e-3", "--warmup-ratio", "0",
-               "--device", "cpu", "--quiet", *extra)  # fmt: skip
+               "--device", "cpu", *(() if "--json" in extra else ("--quiet",)), *extra)  # fmt: skip
 
 
 def test_all_factors_train_loss_falls_and_results_json(cli, tiny_llama_ckpt, lm_files, tmp_path):
@@ -153,3 +153,11 @@ def test_decoder_with_glue_task_and_classifier_with_lm_are_refused(cli, tiny_lla
               "--output-dir", tmp_path / "b")  # fmt: skip
     assert res.exit_code == 2, res.output
     assert "--task lm trains a causal LM" in res.stderr and "classification" in res.stderr
+
+
+def test_time_budget_ends_the_run(cli, tiny_llama_ckpt, lm_files, tmp_path):
+    out = tmp_path / "rec_budget"
+    res = _run(cli, tiny_llama_ckpt, lm_files, out, "--max-steps", "400", "--minutes", "0.00001", "--json")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert 5 <= r["steps"] <= 6  # the first estimate (after 5 steps) finds the budget spent
