@@ -31,8 +31,8 @@ Examples:
   flashsvd finetune --model default --task sst2 --epochs 1 --max-train-samples 5000
   flashsvd finetune -c compressed_models/sst2-minilm_whiten_k0.75 --task sst2 --learning-rate 1e-4
   flashsvd finetune -c out/mrpc_svd --task mrpc --early-stopping --patience 2 --eval-steps 200
-  flashsvd finetune -c out/smollm2_k0.8 --train-file ../shared/data/sst2/train.tsv --max-steps 500 \
-      --eval-file ../shared/data/wikitext2/wiki.test.raw --output-dir out/smollm2_k0.8_rec
+  flashsvd finetune -c out/smollm2_k0.8 --train-file notes.txt --eval-file held_out.txt --max-steps 500
+  flashsvd finetune -m smollm2 --task lm --train-file data.tsv --train-params lora --minutes 10
 """
 
 
