@@ -56,3 +56,27 @@ def test_pack_cuts_blocks_and_ends_texts(tmp_path):
     blocks = pack(Tok(), texts, 3)
     assert len(blocks) == 2 and blocks[0]["input_ids"].tolist() == [1, 2, 3]
     assert blocks[1]["input_ids"].tolist() == [0, 4, 0] and blocks[1]["labels"].tolist() == [0, 4, 0]
+
+
+def test_a_model_marked_quantized_with_float_weights_trains():
+    """A GGUF file loads dequantized but marked ``is_quantized`` (as does a flashsvd checkpoint): Trainer
+    would refuse it; train_lm trains it and gives a flashsvd model its flag back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import flashsvd.models as fm
+    from flashsvd.app.lm_training import LMTrainConfig, train_lm
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[1 + len(w) for w in t.split()] for t in texts]}
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model, _ = fm.compress(LlamaForCausalLM(config), method="svd", keep_ratio=0.6)
+    model.is_quantized = True
+    cfg = LMTrainConfig(max_steps=2, batch_size=2, max_length=8, logging_steps=1)
+    trained, res = train_lm(model, Tok(), ["a bb ccc dddd"] * 20, cfg, device="cpu")
+    assert res.steps == 2 and trained.is_quantized

@@ -437,6 +437,30 @@ def _max_over_ranks(value: float) -> float:
     return value
 
 
+def _float_weights_for_trainer(model: Any) -> bool:
+    """Let Trainer train a model transformers calls quantized although its weights are plain floats.
+
+    A flashsvd checkpoint loads through its quantizer (low-rank factors, trainable) and a GGUF file is
+    dequantized to float weights, yet both mark the model ``is_quantized``, which Trainer refuses without
+    adapters. The GGUF quantizer is dropped (nothing of it is left in the weights); a flashsvd model
+    gets its flag back after training (returns whether it had one to give back).
+    """
+    if not getattr(model, "is_quantized", False):
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False  # really quantized weights: Trainer says what to do
+    if getattr(model, "quantization_method", None) == "gguf" or type(
+        getattr(model, "hf_quantizer", None)
+    ).__name__.startswith("Gguf"):
+        for attr in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        model.is_quantized = False
+        return False
+    model.is_quantized = False
+    return True
+
+
 def train_lm(
     model: Any,
     tokenizer: Any,
@@ -472,6 +496,7 @@ def train_lm(
     if use_cache:
         model.config.use_cache = False  # no KV cache while training; restored for the saved config
     data = pack(tokenizer, train_texts, cfg.max_length)
+    quantized = _float_weights_for_trainer(model)
     model = select_trainable(model, cfg.train_params, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
@@ -529,6 +554,8 @@ def train_lm(
         p.requires_grad_(False)
     if use_cache:
         model.config.use_cache = use_cache
+    if quantized:
+        model.is_quantized = True
     model.eval()
     if eval_text is not None and main:
         ppl = runner.perplexity(model, tokenizer, eval_text, eval_seq_len, eval_max_tokens, dev)
