@@ -286,9 +286,12 @@ def run(**kw) -> None:
 
 def run_lm(kw, source, head: str, console) -> None:
     """``--task lm``: recovery fine-tuning of a causal LM with :mod:`flashsvd.app.lm_training`."""
+    import os
+
     import torch
 
     from flashsvd.app import modelio
+    from flashsvd.app.console import Console
     from flashsvd.app.errors import AppError
     from flashsvd.app.lm_training import (
         LMTrainConfig,
@@ -302,6 +305,9 @@ def run_lm(kw, source, head: str, console) -> None:
     from flashsvd.app.outputs import atomic_dir, check_output_dir
     from flashsvd.app.runtime import provenance, resolve_device
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints (and writes)
+        console = Console(True, False)
+        kw = {**kw, "quiet": True, "json_out": False}
     if head != "causal-lm":
         raise AppError(f"--task lm trains a causal LM with next-token loss; {source.name} is a {head} model",
                        hint="fine-tune encoders and classifiers on a GLUE task (--task sst2, ...).")  # fmt: skip
