@@ -161,3 +161,14 @@ def test_time_budget_ends_the_run(cli, tiny_llama_ckpt, lm_files, tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert 5 <= r["steps"] <= 6  # the first estimate (after 5 steps) finds the budget spent
+
+
+def test_distillation_from_a_teacher(cli, tiny_llama_ckpt, lm_files, tmp_path):
+    out = tmp_path / "rec_kd"
+    res = _run(
+        cli, tiny_llama_ckpt, lm_files, out, "--teacher", tiny_llama_ckpt, "--max-steps", "3", "--json"
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["loss"] == "distill" and r["steps"] == 3
+    assert r["first_loss"] < 1e-3  # the teacher is the model itself: nothing to learn at first

@@ -24,7 +24,8 @@ packed into --max-length blocks (default 512), through transformers' Trainer (bf
 data-parallel). --train-params all (every low-rank factor u, v and bias; a dense model: everything), v
 (the v factors) or lora (adapters merged back into the factors at the layer's rank). No intermediate
 checkpoints: the output folder is the trained checkpoint plus results.json (perplexity on --eval-file
-before/after). WikiText-2 test (wiki.test.raw) is refused as training text.
+before/after). --teacher MODEL distils from MODEL instead (KL to its next-token distribution). WikiText-2
+test (wiki.test.raw) is refused as training text.
 
 \b
 Examples:
@@ -33,6 +34,7 @@ Examples:
   flashsvd finetune -c out/mrpc_svd --task mrpc --early-stopping --patience 2 --eval-steps 200
   flashsvd finetune -c out/smollm2_k0.8 --train-file notes.txt --eval-file held_out.txt --max-steps 500
   flashsvd finetune -m smollm2 --task lm --train-file data.tsv --train-params lora --minutes 10
+  flashsvd finetune -c out/smollm2_k0.8 --train-file notes.txt --teacher smollm2 --minutes 15
 """
 
 
@@ -105,6 +107,13 @@ def finetune(
     lora_r: Annotated[
         int, typer.Option("--lora-r", min=1, help="lm --train-params lora: adapter rank.")
     ] = 16,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help="lm: distil from this model (e.g. the dense one: smollm2, a folder, a .gguf), same tokenizer.",
+        ),
+    ] = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Where runs are written.")
     ] = None,
@@ -333,13 +342,22 @@ def run_lm(kw, source, head: str, console) -> None:
     held_out = eval_text(kw["eval_file"], kw["text_column"]) if kw["eval_file"] is not None else None
     model = modelio.load(source, head="causal-lm", dtype=torch.float32, backend="torch")
     tokenizer = modelio.load_tokenizer(source)
+    teacher = None
+    if kw["teacher"] is not None:
+        teacher_source = modelio.resolve(kw["teacher"])
+        if modelio.model_head(teacher_source) != "causal-lm":
+            raise AppError(f"--teacher {kw['teacher']} is not a causal LM")
+        teacher = modelio.load(teacher_source, head="causal-lm", dtype=torch.float32, backend="torch")
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise AppError(f"--teacher {kw['teacher']} has another vocabulary ({teacher.config.vocab_size} tokens, "
+                           f"the model {model.config.vocab_size})", hint="distil from the model it was compressed from.")  # fmt: skip
     out = Path(kw["output_dir"]) if kw["output_dir"] else default_lm_output_dir(source, model)
     check_output_dir(out, kw["overwrite"], "--output-dir")  # before the expensive part
     facts = checkpoint_facts(model)
     console.info(f"training {source.name} ({cfg.train_params}) on {len(texts)} texts of {kw['train_file']}; "
                  f"output {out}")  # fmt: skip
     model, res = train_lm(
-        model, tokenizer, texts, cfg, eval_text=held_out, eval_seq_len=512, device=str(device),
+        model, tokenizer, texts, cfg, eval_text=held_out, eval_seq_len=512, device=str(device), teacher=teacher,
         quiet=kw["quiet"] or kw["json_out"],
     )  # fmt: skip
     if not res.is_main:
@@ -351,6 +369,8 @@ def run_lm(kw, source, head: str, console) -> None:
         "train_file": str(kw["train_file"]),
         "eval_file": None if kw["eval_file"] is None else str(kw["eval_file"]),
         "train_params": cfg.train_params,
+        "loss": "distill" if teacher is not None else "next-token",
+        "teacher": kw["teacher"],
         "train_loss": res.train_loss,
         "first_loss": res.first_loss,
         "last_loss": res.last_loss,
