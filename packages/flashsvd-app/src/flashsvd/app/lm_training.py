@@ -526,8 +526,8 @@ def train_lm(
         trainer.remove_callback(PrinterCallback)  # stdout stays clean (--json)
         main = trainer.is_world_process_zero()
         dev = trainer.args.device
-        if teacher is not None:
-            teacher.to(dev).eval()
+        if teacher is not None:  # outside the student's autocast: bf16 weights keep it as fast
+            teacher.to(dev, dtype=torch.bfloat16 if bf16 else None).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
         res = LMResult(train_blocks=len(data), train_tokens_available=data.tokens, trainable_params=trainable,
