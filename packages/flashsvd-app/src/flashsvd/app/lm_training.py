@@ -1,0 +1,588 @@
+"""Recovery fine-tuning of (compressed) causal LMs: next-token loss on local text, through ``transformers.Trainer``.
+
+Why a module of its own, apart from :mod:`flashsvd.app.training` (the GLUE loop): the GLUE loop is a
+hand-written loop with its own safetensors checkpoints and resume; a language model's recovery run is a
+plain Trainer run (accelerate underneath: bf16 autocast, gradient accumulation, data-parallel under
+``torchrun``) that keeps no intermediate checkpoints and ends in one ordinary flashsvd checkpoint. Keeping
+it here lets ``flashsvd finetune --task lm`` and ``benchmarks/quality/recovery.py`` call the same code
+from Python without the CLI. ``datasets``/``peft`` are imported inside the functions that need them.
+
+What trains (``train_params``):
+
+* ``all``: every low-rank factor ``u``, ``v`` and its bias; dense layers (embeddings, norms, LM head, the
+  layers left dense) stay frozen. A dense model trains everything.
+* ``v``: only the ``v`` factors.
+* ``lora``: LoRA adapters (peft, :mod:`flashsvd.models.peft_lora`) on every low-rank layer (a dense
+  model: on every linear layer). Before saving, each adapter is merged into its layer's factors with the
+  rank kept: ``u·v + s·Aᵀ·Bᵀ`` is re-factorized to its best approximation of the layer's rank (an exact SVD
+  of the thin factors), so the checkpoint has the input's size; the relative Frobenius error of that
+  truncation is reported (``lora_merge_rel_error``).
+
+No Trainer checkpoints (``save_strategy="no"``): they would pickle optimizer state and arguments; the
+result is written by the caller with the project's checkpoint writer (:func:`save_model`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashsvd.app.errors import AppError
+
+TRAIN_PARAMS = ("all", "v", "lora")
+#: the WikiText-2 test file: perplexity is reported on it, so it is never trained on
+WIKITEXT_TEST_NAMES = ("wiki.test.raw", "wiki.test.tokens")
+#: text columns picked by themselves from a table's header (pairs are used together)
+TEXT_COLUMNS = (("sentence",), ("text",), ("sentence1", "sentence2"), ("question1", "question2"))
+
+
+@dataclass
+class LMTrainConfig:
+    """Hyper-parameters of a recovery run (the CLI flags of ``flashsvd finetune --task lm``)."""
+
+    train_params: str = "all"
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    minutes: float | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 512
+    grad_clip: float = 1.0
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    bf16: bool | None = None  # None: on CUDA when supported
+    logging_steps: int = 10
+    distill_alpha: float = 1.0  # with a teacher: the share of the KL loss (the rest is next-token loss)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.train_params not in TRAIN_PARAMS:
+            raise AppError(f"unknown --train-params {self.train_params!r}", hint="use all, v or lora.")
+        if self.max_length < 2:
+            raise AppError(f"--max-length must be at least 2 for language modelling, got {self.max_length}")
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def refuse_wikitext_test(path: Path, flag: str = "--train-file") -> None:
+    """Training on the WikiText-2 test split would make the reported perplexity meaningless."""
+    if Path(path).name.lower() in WIKITEXT_TEST_NAMES:
+        raise AppError(
+            f"{flag} {path} is the WikiText-2 test split, on which perplexity is reported: refusing to train on it",
+            hint="train on other text (e.g. ../shared/data/sst2/train.tsv, stsb/train.tsv); "
+            "wiki.test.raw is for --eval-file only.",
+        )
+
+
+def read_texts(path: Path, text_column: str | None = None) -> list[str]:
+    """The texts of a local file through ``datasets.load_dataset`` (see ``flashsvd finetune --help``).
+
+    ``.txt``/``.raw``: one text per line. ``.tsv``/``.csv``/``.jsonl``/``.json``: ``text_column`` (a name,
+    a 0-based index, or several joined by commas), else a ``sentence``/``text`` column (or the
+    ``sentence1``+``sentence2`` pair), else the first column. A table without a header line (GLUE's
+    STS-B ``train.tsv``) has its columns named ``0``, ``1``, ...: pass ``--text-column 7,8`` there.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise AppError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    suffix = path.suffix.lower()
+    datasets.disable_progress_bars()
+    try:
+        if suffix in (".tsv", ".csv"):
+            kw: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+            width = _headerless_width(path, "\t" if suffix == ".tsv" else ",")
+            if width:  # no header line (GLUE's STS-B file): columns are named by their index
+                kw["column_names"] = [str(i) for i in range(width)]
+            ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kw)
+        elif suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        else:
+            if text_column is not None:
+                raise AppError(f"--text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
+            ds = datasets.load_dataset("text", data_files=str(path), split="train")
+    except AppError:
+        raise
+    except Exception as err:  # a malformed table: say which file, not a pandas traceback
+        raise AppError(
+            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    names = list(ds.column_names)
+    cols = _text_columns(path, names, text_column)
+    texts = [str(t).strip() for c in cols for t in ds[c] if t is not None]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise AppError(
+            f"{path} holds no text" + (f" in column(s) {', '.join(cols)}" if len(names) > 1 else "")
+        )
+    return texts
+
+
+def _text_columns(path: Path, names: list[str], text_column: str | None) -> list[str]:
+    if text_column is not None:
+        out = []
+        for c in (c.strip() for c in text_column.split(",")):
+            if c.isdigit() and int(c) < len(names):
+                out.append(names[int(c)])
+            elif c in names:
+                out.append(c)
+            else:
+                raise AppError(
+                    f"--text-column {c!r} is not a column of {path}", hint=f"columns there: {names}"
+                )
+        return out
+    lower = {n.lower(): n for n in names}
+    for group in TEXT_COLUMNS:
+        if all(g in lower for g in group):
+            return [lower[g] for g in group]
+    return names[:1]
+
+
+def _headerless_width(path: Path, delimiter: str) -> int:
+    """The number of columns when the table's first line is data rather than a header (else 0): a header
+    names at least one column the project knows (``sentence``, ``label``, ...)."""
+    from flashsvd.app.tasks.data import CALIB_TEXT_HEADERS
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\r\n")
+    cells = {c.strip().strip('"').lower() for c in first.split(delimiter)}
+    known = {n for group in CALIB_TEXT_HEADERS for n in group} | {"label", "score", "index", "idx", "id"}
+    return 0 if cells & known else len(first.split(delimiter))
+
+
+class PackedBlocks:
+    """Token ids cut into blocks of ``block`` tokens (a ``torch.utils.data.Dataset`` of LM examples)."""
+
+    def __init__(self, ids: Any, block: int) -> None:
+        self.block = block
+        self.data = ids[: (len(ids) // block) * block].view(-1, block)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = self.data[i]
+        return {"input_ids": x, "attention_mask": x.new_ones(x.shape), "labels": x.clone()}
+
+    @property
+    def tokens(self) -> int:
+        return int(self.data.numel())
+
+
+def pack(tokenizer: Any, texts: list[str], block: int, what: str = "--train-file") -> PackedBlocks:
+    """Tokenize ``texts`` (each followed by the end-of-text token), concatenate, cut into ``block``-token blocks."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(texts), 1000):
+        for row in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
+            ids += row
+            if eos is not None:
+                ids.append(eos)
+    blocks = PackedBlocks(torch.tensor(ids, dtype=torch.long), block)
+    if len(blocks) == 0:
+        raise AppError(f"{what} holds {len(ids)} tokens, less than one block of --max-length {block}",
+                       hint="pass more text or a smaller --max-length.")  # fmt: skip
+    return blocks
+
+
+def eval_text(path: Path, text_column: str | None = None) -> str:
+    """Held-out text for perplexity: a text file as ``flashsvd eval --task wikitext2`` reads it (lines joined
+    by blank lines), a table's texts joined the same way."""
+    path = Path(path)
+    if path.suffix.lower() in (".tsv", ".csv", ".jsonl", ".json"):
+        return "\n\n".join(read_texts(path, text_column))
+    from flashsvd.app.tasks.data import load_text
+    from flashsvd.app.tasks.registry import get_task
+
+    if not path.is_file():
+        raise AppError(f"--eval-file {path} does not exist")
+    return load_text(get_task("wikitext2"), "test", path)[0]
+
+
+# ---- what trains ---------------------------------------------------------------------------------------
+
+
+def lowrank_names(model: Any) -> list[str]:
+    from flashsvd.models import LowRankLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+
+
+def select_trainable(model: Any, train_params: str, cfg: LMTrainConfig | None = None) -> Any:
+    """Set ``requires_grad`` for ``train_params`` (wrapping the model with LoRA adapters for ``lora``).
+
+    Returns the model to train (the peft wrapper for ``lora``).
+    """
+    from flashsvd.models import is_compressed
+
+    cfg = cfg or LMTrainConfig(train_params=train_params)
+    compressed = is_compressed(model)
+    names = lowrank_names(model)
+    if compressed and not names:
+        raise AppError("the checkpoint holds no low-rank layers to train")
+    if train_params == "lora":
+        from peft import get_peft_model
+
+        from flashsvd.models.peft_lora import lora_config
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets: Any = names if compressed else "all-linear"
+        config = lora_config(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                             task_type="CAUSAL_LM")  # fmt: skip
+        return get_peft_model(model, config)
+    if train_params == "v" and not compressed:
+        raise AppError("--train-params v trains the v factors of a compressed model; this model is dense",
+                       hint="use --train-params all (or lora) for a dense model.")  # fmt: skip
+    owners = set(names)
+    for name, p in model.named_parameters():
+        owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        if not compressed:
+            p.requires_grad_(True)
+        elif train_params == "v":
+            p.requires_grad_(owner in owners and leaf == "v")
+        else:
+            p.requires_grad_(owner in owners)
+    return model
+
+
+def _refactor(left: Any, right: Any, rank: int) -> tuple[Any, Any, float, float]:
+    """Best rank-``rank`` factors ``(u, v)`` of ``left @ right`` (thin QR on both sides, SVD of the core);
+    also the dropped and total squared singular values."""
+    import torch
+
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(right.T)
+    uc, s, vh = torch.linalg.svd(r1 @ r2.T)
+    root = s[:rank].sqrt()
+    u = q1 @ (uc[:, :rank] * root)
+    v = (root[:, None] * vh[:rank]) @ q2.T
+    return u, v, float((s[rank:] ** 2).sum()), float((s**2).sum())
+
+
+def merge_lora(model: Any) -> tuple[Any, float | None]:
+    """Merge the LoRA adapters of a peft-wrapped model; returns ``(plain model, relative merge error)``.
+
+    A dense model merges as peft does (exactly). A compressed one re-factorizes each low-rank layer at its
+    own rank (see the module docstring); the error is ``‖dropped singular values‖ / ‖all‖`` over all layers.
+    """
+    import torch
+
+    from flashsvd.models import LowRankLinear, is_compressed
+
+    base = model.get_base_model()
+    if not is_compressed(base):
+        return model.merge_and_unload(), None
+    dropped = total = 0.0
+    with torch.no_grad():
+        for module in model.modules():
+            layer = getattr(module, "base_layer", None)
+            if not isinstance(layer, LowRankLinear) or not hasattr(module, "lora_A"):
+                continue
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                a = module.lora_A[name].weight.double()  # [rl, in]
+                b = module.lora_B[name].weight.double() * module.scaling[name]  # [out, rl]
+                u, v = layer.u.double(), layer.v.double()
+                if layer.per_head:
+                    heads, r, d = v.shape
+                    us, vs = [], []
+                    for h in range(heads):
+                        lh = torch.cat([u[:, h * r : (h + 1) * r], a.T], 1)
+                        rh = torch.cat([v[h], b[h * d : (h + 1) * d].T], 0)
+                        uh, vh, dr, tt = _refactor(lh, rh, r)
+                        us.append(uh), vs.append(vh)
+                        dropped, total = dropped + dr, total + tt
+                    new_u, new_v = torch.cat(us, 1), torch.stack(vs)
+                else:
+                    new_u, new_v, dr, tt = _refactor(
+                        torch.cat([u, a.T], 1), torch.cat([v, b.T], 0), layer.rank
+                    )
+                    dropped, total = dropped + dr, total + tt
+                layer.u.data = new_u.to(layer.u.dtype).contiguous()
+                layer.v.data = new_v.to(layer.v.dtype).contiguous()
+    return model.unload(), (math.sqrt(dropped / total) if total else 0.0)
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LMResult:
+    train_loss: float | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    train_blocks: int = 0
+    train_tokens_available: int = 0
+    trainable_params: int = 0
+    lora_merge_rel_error: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    eval_tokens: int | None = None
+    world_size: int = 1
+    is_main: bool = True
+    dtype: str = "float32"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class RecoveryTrainer(Trainer):
+        """Trainer with an LR schedule that follows a step estimate (time budget) and optional distillation."""
+
+        def __init__(self, *args, plan: dict[str, Any], teacher=None, distill_alpha=1.0, **kw):
+            super().__init__(*args, **kw)
+            self.plan, self.teacher, self.distill_alpha = plan, teacher, distill_alpha
+            if teacher is not None:  # our loss is a mean: Trainer scales it for accumulation
+                self.model_accepts_loss_kwargs = False
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                plan, ratio = self.plan, self.plan["warmup_ratio"]
+                plan.setdefault("total", num_training_steps)
+
+                def factor(step: int) -> float:  # linear warm-up, then linear decay to 0 at the planned total
+                    total = max(1, plan["total"])
+                    warm = int(ratio * total)
+                    if step < warm:
+                        return (step + 1) / warm
+                    return max(0.0, (total - step) / max(1, total - warm))
+
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch.nn.functional as F
+
+            labels = inputs["labels"]
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            if next(self.teacher.parameters()).device != labels.device:
+                self.teacher.to(labels.device)
+            with torch.no_grad():
+                t = self.teacher(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits
+            s = out.logits[:, :-1].float()
+            kl = F.kl_div(F.log_softmax(s, -1).flatten(0, 1), F.log_softmax(t[:, :-1].float(), -1).flatten(0, 1),
+                          log_target=True, reduction="batchmean")  # fmt: skip
+            loss = self.distill_alpha * kl
+            if self.distill_alpha < 1:
+                ce = F.cross_entropy(s.flatten(0, 1), labels[:, 1:].flatten())
+                loss = loss + (1 - self.distill_alpha) * ce
+            return (loss, out) if return_outputs else loss
+
+    return RecoveryTrainer
+
+
+def _callbacks(plan: dict[str, Any], cfg: LMTrainConfig, history: list[dict[str, float]]):
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        """Stop after ``cfg.minutes``: the step total is re-estimated from the measured step time (the same
+        on every rank: the slowest rank's time is used), so the LR schedule still ends at zero."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if cfg.minutes is not None and (step in (5, 20, 50) or step % 100 == 0):
+                elapsed = _max_over_ranks(time.perf_counter() - self.t0)
+                fits = int(step * cfg.minutes * 60 / max(elapsed, 1e-9))
+                plan["total"] = max(step + 1, min(state.max_steps, fits))
+            if step >= plan["total"]:
+                control.should_training_stop = True
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                history.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                "lr": float(logs.get("learning_rate", 0.0))})  # fmt: skip
+
+    return [Budget(), Record()]
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([value], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+    return value
+
+
+def _float_weights_for_trainer(model: Any) -> bool:
+    """Let Trainer train a model transformers calls quantized although its weights are plain floats.
+
+    A flashsvd checkpoint loads through its quantizer (low-rank factors, trainable) and a GGUF file is
+    dequantized to float weights, yet both mark the model ``is_quantized``, which Trainer refuses without
+    adapters. The GGUF quantizer is dropped (nothing of it is left in the weights); a flashsvd model
+    gets its flag back after training (returns whether it had one to give back).
+    """
+    if not getattr(model, "is_quantized", False):
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False  # really quantized weights: Trainer says what to do
+    if getattr(model, "quantization_method", None) == "gguf" or type(
+        getattr(model, "hf_quantizer", None)
+    ).__name__.startswith("Gguf"):
+        for attr in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        model.is_quantized = False
+        return False
+    model.is_quantized = False
+    return True
+
+
+def train_lm(
+    model: Any,
+    tokenizer: Any,
+    train_texts: list[str],
+    cfg: LMTrainConfig,
+    *,
+    eval_text: str | None = None,
+    eval_seq_len: int = 512,
+    eval_max_tokens: int | None = None,
+    device: str = "auto",
+    teacher: Any = None,
+    quiet: bool = True,
+    work_dir: Path | None = None,
+) -> tuple[Any, LMResult]:
+    """Fine-tune ``model`` with next-token loss on ``train_texts``; returns ``(trained model, result)``.
+
+    The returned model is a plain (compressed or dense) model: LoRA adapters are merged. Perplexity on
+    ``eval_text`` (non-overlapping windows of ``eval_seq_len``, the first ``eval_max_tokens`` tokens) is
+    measured before and after, on the main process. ``teacher`` (a causal LM with the same tokenizer, e.g.
+    the dense model) switches the loss to distillation: KL(teacher ‖ student) per token, mixed with the
+    next-token loss by ``cfg.distill_alpha``.
+    """
+    import tempfile
+
+    import torch
+    from transformers import TrainingArguments
+
+    from flashsvd.app.tasks import runner
+
+    cfg.check()
+    torch.manual_seed(cfg.seed)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache:
+        model.config.use_cache = False  # no KV cache while training; restored for the saved config
+    data = pack(tokenizer, train_texts, cfg.max_length)
+    quantized = _float_weights_for_trainer(model)
+    model = select_trainable(model, cfg.train_params, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise AppError("nothing to train with --train-params " + cfg.train_params)
+    on_cuda = device != "cpu" and torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(on_cuda and torch.cuda.is_bf16_supported())
+    plan: dict[str, Any] = {"warmup_ratio": cfg.warmup_ratio}
+    if cfg.max_steps is not None:
+        plan["total"] = cfg.max_steps
+    history: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps if cfg.max_steps is not None else -1, max_grad_norm=cfg.grad_clip,
+            bf16=bf16, use_cpu=not on_cuda, report_to=[], save_strategy="no", eval_strategy="no",
+            logging_steps=cfg.logging_steps, logging_first_step=True, seed=cfg.seed, data_seed=cfg.seed,
+            remove_unused_columns=False, label_names=["labels"], disable_tqdm=quiet, log_level="error",
+            dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        )  # fmt: skip
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=data, plan=plan, teacher=teacher,
+            distill_alpha=cfg.distill_alpha, callbacks=_callbacks(plan, cfg, history),
+        )  # fmt: skip
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # stdout stays clean (--json)
+        main = trainer.is_world_process_zero()
+        dev = trainer.args.device
+        if teacher is not None:  # outside the student's autocast: bf16 weights keep it as fast
+            teacher.to(dev, dtype=torch.bfloat16 if bf16 else None).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        res = LMResult(train_blocks=len(data), train_tokens_available=data.tokens, trainable_params=trainable,
+                       world_size=trainer.args.world_size, is_main=main, dtype="bfloat16" if bf16 else "float32",
+                       config=asdict(cfg))  # fmt: skip
+        if eval_text is not None and main:
+            model.to(dev)
+            ppl = runner.perplexity(model, tokenizer, eval_text, eval_seq_len, eval_max_tokens, dev)
+            res.ppl_before, res.eval_tokens = ppl["perplexity"], ppl["tokens"]
+        t0 = time.perf_counter()
+        out = trainer.train()
+        res.seconds = time.perf_counter() - t0
+        res.steps = int(trainer.state.global_step)
+        res.train_loss = float(out.training_loss)
+        res.tokens = res.steps * cfg.batch_size * cfg.grad_accum * trainer.args.world_size * cfg.max_length
+        res.history = history
+        res.first_loss = history[0]["loss"] if history else None
+        res.last_loss = history[-1]["loss"] if history else None
+        model = trainer.model
+        del trainer
+    if cfg.train_params == "lora":
+        model, res.lora_merge_rel_error = merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if use_cache:
+        model.config.use_cache = use_cache
+    if quantized:
+        model.is_quantized = True
+    model.eval()
+    if eval_text is not None and main:
+        ppl = runner.perplexity(model, tokenizer, eval_text, eval_seq_len, eval_max_tokens, dev)
+        res.ppl_after = ppl["perplexity"]
+    return model, res
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path, extra_files: dict[str, Any] | None = None) -> None:
+    """Write the trained model into ``folder`` (which must not exist yet: write into an ``atomic_dir``):
+    a compressed model through ``flashsvd.models.save_compressed``, a dense one with ``save_pretrained``
+    (safetensors), the tokenizer beside it, and each ``extra_files`` entry as JSON."""
+    from flashsvd.app.outputs import write_json_atomic
+    from flashsvd.models import is_compressed, save_compressed
+
+    model.to("cpu")
+    if is_compressed(model):
+        save_compressed(model, folder, tokenizer=tokenizer)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    for name, data in (extra_files or {}).items():
+        write_json_atomic(Path(folder) / name, data)
+
+
+def checkpoint_facts(model: Any) -> dict[str, Any]:
+    """``keep_ratio``, ``kept_fraction``, ``method`` and ``ranks`` carried by a compressed model's config."""
+    from flashsvd.models.checkpoint import flashsvd_block
+
+    block = flashsvd_block(model.config) or {}
+    return {k: block.get(k) for k in ("method", "keep_ratio", "kept_fraction", "ranks")}
