@@ -358,7 +358,8 @@ def allocate_by_curves(
         return _finish(shapes, {s.name: None for s in shapes}, {s.name: "keep_ratio=1" for s in shapes})
     tabs = []
     for s in shapes:
-        c = torch.as_tensor(curves[s.name], dtype=torch.float64).flatten()
+        # curves computed on an accelerator are tiny: the search runs on the CPU
+        c = torch.as_tensor(curves[s.name], dtype=torch.float64).flatten().cpu()
         if c.numel() != s.max_rank + 1:
             raise FlashSVDMethodError(
                 f"curve of {s.name!r} has {c.numel()} entries, expected max_rank+1 = {s.max_rank + 1}."
@@ -397,7 +398,7 @@ def allocate_by_curves(
             best, hi = ranks, mid
         else:
             lo = mid
-    curve_of = {s.name: torch.as_tensor(curves[s.name], dtype=torch.float64).flatten() for s in shapes}
+    curve_of = {s.name: torch.as_tensor(curves[s.name], dtype=torch.float64).flatten().cpu() for s in shapes}
 
     def gain(s: LayerShape) -> float:
         r = best[s.name]
@@ -451,7 +452,7 @@ def round_ranks(
     unrounded = tuple(n for n, r in ranks.items() if r is not None and top[n] < multiple)
     for n in movable:
         ranks[n] = min(top[n], max(multiple, multiple * round(ranks[n] / multiple)))
-    curve = None if curves is None else {n: torch.as_tensor(curves[n], dtype=torch.float64) for n in movable}
+    curve = None if curves is None else {n: torch.as_tensor(curves[n], dtype=torch.float64).cpu() for n in movable}
 
     def delta(n: str, step: int) -> float:
         """Loss change per parameter of moving layer ``n`` by ``step`` ranks (or a share proxy)."""
