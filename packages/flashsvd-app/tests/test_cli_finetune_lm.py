@@ -172,3 +172,25 @@ def test_distillation_from_a_teacher(cli, tiny_llama_ckpt, lm_files, tmp_path):
     r = json.loads(res.stdout)
     assert r["loss"] == "distill" and r["steps"] == 3
     assert r["first_loss"] < 1e-3  # the teacher is the model itself: nothing to learn at first
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_data_parallel_and_write_once(tiny_llama_ckpt, lm_files, tmp_path):
+    """``torchrun --nproc-per-node 2 -m flashsvd.app finetune --task lm`` (gloo on CPU): Trainer splits the
+    batches over the two processes (global batch = 2 × per-device), one folder and one result are written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", FLASHSVD_DIST_TIMEOUT="300")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "flashsvd.app", "finetune", "-c", str(tiny_llama_ckpt), "--task", "lm", "--train-file",
+           str(lm_files["txt"]), "--output-dir", str(out), "--batch-size", "2", "--max-length", "32",
+           "--max-steps", "4", "--learning-rate", "3e-3", "--warmup-ratio", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["steps"] == 4 and r["tokens"] == 4 * 2 * 2 * 32  # steps × per-device batch × processes × length
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp"]
+    assert _changed(_weights(tiny_llama_ckpt), _weights(out))

@@ -452,7 +452,11 @@ def round_ranks(
     unrounded = tuple(n for n, r in ranks.items() if r is not None and top[n] < multiple)
     for n in movable:
         ranks[n] = min(top[n], max(multiple, multiple * round(ranks[n] / multiple)))
-    curve = None if curves is None else {n: torch.as_tensor(curves[n], dtype=torch.float64).cpu() for n in movable}
+    curve = (
+        None
+        if curves is None
+        else {n: torch.as_tensor(curves[n], dtype=torch.float64).cpu() for n in movable}
+    )
 
     def delta(n: str, step: int) -> float:
         """Loss change per parameter of moving layer ``n`` by ``step`` ranks (or a share proxy)."""
