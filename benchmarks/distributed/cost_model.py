@@ -89,6 +89,13 @@ def block_seconds(n: int, spread: str = "group") -> dict[str, float]:
     return {"forward": forward, "statistics": statistics, "factorization": factor, "all_reduce": comm}
 
 
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def measured_rows(blocks_csv: str) -> list[dict]:
     """Seconds for the whole model on N GPUs from the measured per-block split (1 and 2 processes)."""
     with open(blocks_csv) as fh:
@@ -131,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print("| " + " | ".join(str(r[c]) for c in cols) + " |")
         if args.csv:
-            with open(args.csv, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
+            write_csv(args.csv, rows)
         return 0
     per_block_bytes = sum(gram_bytes(g) for g in GROUPS)
     print(
@@ -154,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['gpus']} | {r['forward']} | {r['statistics']} | {r['factorization']} | "
               f"{r['all_reduce']} | {r['total_s']} | {r['speedup']}× |")  # fmt: skip
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
     return 0
 
 
