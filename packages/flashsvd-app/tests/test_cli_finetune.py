@@ -92,3 +92,13 @@ def test_interrupt_before_the_first_checkpoint_says_so(cli, fwsvd_ckpt, data_dir
     res = cli(*_args(fwsvd_ckpt, data_dir, tmp_path / "run", "--max-steps", "1"))
     assert res.exit_code == 130
     assert "before the first checkpoint" in res.stderr and "kept" not in res.stderr
+
+
+def test_glue_finetune_refuses_to_run_under_torchrun(cli, fwsvd_ckpt, data_dir, tmp_path, monkeypatch):
+    """GLUE runs are one process: under torchrun each rank would train everything and write one folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "ddp_glue"
+    res = cli("finetune", "-c", fwsvd_ckpt, "--task", "sst2", "--data-dir", data_dir, "--output-dir", out)
+    assert res.exit_code == 2, res.output
+    assert "one process" in res.output and "--task lm" in res.output
+    assert not out.exists()

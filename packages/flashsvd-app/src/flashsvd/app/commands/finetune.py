@@ -219,6 +219,14 @@ def run(**kw) -> None:
             f"{source.name} is a causal LM: GLUE fine-tuning ({spec.name}) needs an encoder or classifier",
             hint="recover a causal LM on text with --task lm --train-file FILE.",
         )
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise AppError(
+            f"GLUE fine-tuning ({spec.name}) runs in one process: under torchrun every process would train "
+            "on the whole data set and write the same folder",
+            hint="launch it without torchrun/accelerate (data-parallel runs: --task lm, on transformers' Trainer).",
+        )
     if kw["train_params"] is not None:
         raise AppError(
             "--train-params applies to --task lm",
