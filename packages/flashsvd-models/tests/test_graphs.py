@@ -49,8 +49,11 @@ def test_flash_model_captures_in_one_cuda_graph(tiny, make_inputs, kind):
 @gpu
 @needs_cuda
 @pytest.mark.xfail(
-    reason="H200 2026-11-29: graphed greedy tokens leave the eager ones at the 4th new token, at the same "
-    "step in both rows (eager and the whole-forward capture agree); not yet diagnosed",
+    reason="H200 2026-11-29: graphed greedy tokens leave the eager ones at the 4th new token (the 2nd "
+    "replay). Same with the PyTorch reference kernels, so not a Triton kernel; every layer's cache writes "
+    "(lengths, positions, pk, pv) equal eager's, but from the 2nd replay layer 1's new K/V differ, so layer "
+    "0's output does; the torch backend replays exactly; the host-side max_length is not read "
+    "(benchmarks/results/graphed_decode_probe_h200.log). Not yet fixed",
     strict=False,
 )
 def test_graphed_static_decoding_matches_eager(tiny, make_inputs):
