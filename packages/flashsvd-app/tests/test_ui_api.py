@@ -120,7 +120,8 @@ def test_compress_tab_rank_chart_and_spectrum(client, workspace):
     """Per-layer ranks from the checkpoint's header, and a layer's dense spectrum with its kept rank."""
     from flashsvd.app.ui import handlers as H
 
-    folder = workspace / "compressed_models" / "ui-svd"  # made by the first test of this module
+    _log, _card, path = client.predict("default", "svd", 0.5, "", 8, "ui-ranks", api_name="/compress")
+    folder = Path(path)
     rows = H.layer_ranks(folder)
     block = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert {r["layer"] for r in rows} == set(block["ranks"])
