@@ -150,13 +150,11 @@ def _text_columns(path: Path, names: list[str], text_column: str | None) -> list
 def _headerless_width(path: Path, delimiter: str) -> int:
     """The number of columns when the table's first line is data rather than a header (else 0): a header
     names at least one column the project knows (``sentence``, ``label``, ...)."""
-    from flashsvd.app.tasks.data import CALIB_TEXT_HEADERS
+    from flashsvd.app.tasks.data import is_header
 
     with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().rstrip("\r\n")
-    cells = {c.strip().strip('"').lower() for c in first.split(delimiter)}
-    known = {n for group in CALIB_TEXT_HEADERS for n in group} | {"label", "score", "index", "idx", "id"}
-    return 0 if cells & known else len(first.split(delimiter))
+        first = f.readline().rstrip("\r\n").split(delimiter)
+    return 0 if is_header([c.strip().strip('"') for c in first]) else len(first)
 
 
 class PackedBlocks:

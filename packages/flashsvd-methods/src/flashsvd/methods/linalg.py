@@ -168,10 +168,18 @@ def truncated_svd(
         p, s, q = p[:, order], s[order], q[:, order]
     else:
         raise ValueError(f"truncated_svd: driver must be 'auto', 'svd' or 'gram', got {driver!r}")
-    idx = p.abs().argmax(dim=0)
-    sign = torch.sign(p.gather(0, idx[None]).squeeze(0))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = canonical_signs(p)
     return p * sign, s, q * sign, s_all
+
+
+def canonical_signs(p: torch.Tensor) -> torch.Tensor:
+    """``±1`` per column of ``p`` making each column's largest-magnitude entry positive (never 0).
+
+    Singular (and eigen) vectors are defined up to sign; fixing it makes factors reproducible across
+    drivers and round-off (another order of summing the statistics).
+    """
+    sign = torch.sign(p.gather(0, p.abs().argmax(dim=0)[None]).squeeze(0))
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def weighted_lowrank(
@@ -236,9 +244,7 @@ def projected_lowrank(
     evals, evecs = evals.flip(0), evecs.flip(1)
     s_all = evals.clamp_min(0).sqrt()
     p = evecs[:, :rank]
-    idx = p.abs().argmax(dim=0)
-    sign = torch.sign(p.gather(0, idx[None]).squeeze(0))
-    p = p * torch.where(sign == 0, torch.ones_like(sign), sign)
+    p = p * canonical_signs(p)
     s = s_all[:rank]
     alive = s > s_all[0] * 1e-12 if s_all.numel() else s > 0
     root = torch.where(alive, s.sqrt(), torch.ones_like(s))

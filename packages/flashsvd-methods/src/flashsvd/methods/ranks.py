@@ -356,10 +356,11 @@ def allocate_by_curves(
         )
     if keep == 1.0:
         return _finish(shapes, {s.name: None for s in shapes}, {s.name: "keep_ratio=1" for s in shapes})
+    # curves computed on an accelerator are tiny: the search runs on the CPU
+    curve_of = {s.name: torch.as_tensor(curves[s.name], dtype=torch.float64).flatten().cpu() for s in shapes}
     tabs = []
     for s in shapes:
-        # curves computed on an accelerator are tiny: the search runs on the CPU
-        c = torch.as_tensor(curves[s.name], dtype=torch.float64).flatten().cpu()
+        c = curve_of[s.name]
         if c.numel() != s.max_rank + 1:
             raise FlashSVDMethodError(
                 f"curve of {s.name!r} has {c.numel()} entries, expected max_rank+1 = {s.max_rank + 1}."
@@ -398,7 +399,6 @@ def allocate_by_curves(
             best, hi = ranks, mid
         else:
             lo = mid
-    curve_of = {s.name: torch.as_tensor(curves[s.name], dtype=torch.float64).flatten().cpu() for s in shapes}
 
     def gain(s: LayerShape) -> float:
         r = best[s.name]

@@ -353,17 +353,9 @@ def check_format(block: Mapping[str, Any], path: str | os.PathLike) -> None:
         made_by = (block.get("versions") or {}).get("flashsvd-models", "a newer version")
         raise CheckpointError(
             f"{path} is a checkpoint in format {version}, written by flashsvd-models {made_by}; the installed "
-            f"flashsvd-models {_installed_version()} reads format {FORMAT_VERSION} at most: upgrade flashsvd-models"
+            f"flashsvd-models {_versions()['flashsvd-models']} reads format {FORMAT_VERSION} at most: "
+            "upgrade flashsvd-models"
         )
-
-
-def _installed_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("flashsvd-models")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
 
 
 def _check_block(block: Mapping[str, Any], path: Path) -> None:

@@ -592,7 +592,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
                         paired=recipe.paired, start=start, reference_inputs=reference, place=place, done=done,
                         scales=spec.name == "asvd", in_place=True)  # fmt: skip
     return {"sequential": True, "paired": recipe.paired, "resumed_from_block": start if start else None,
-            "inputs_on": str(home or inputs[0][0][0].device), "blocks": timing.rows}  # fmt: skip
+            "inputs_on": str(inputs[0][0][0].device), "blocks": timing.rows}  # fmt: skip
 
 
 def _inputs_home(inputs: list, device, offload: bool | None, streams: int) -> torch.device | None:

@@ -130,7 +130,8 @@ def finetune(
     run(**locals())
 
 
-def default_output_dir(source, model, spec) -> Path:
+def default_output_dir(source, model, task: str) -> Path:
+    """``models/finetuned/<arch>/<method>/<name>_<task>``: where a run goes without ``--output-dir``."""
     import re
 
     from flashsvd.app.modelio import flashsvd_block, read_config
@@ -138,7 +139,7 @@ def default_output_dir(source, model, spec) -> Path:
     arch = getattr(model.config, "model_type", "model")
     block = flashsvd_block(read_config(source.path)) if source.kind == "flashsvd" else None
     method = block.get("method", "compressed") if block else "dense"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{source.name}_{spec.name}").strip("-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{source.name}_{task}").strip("-")
     return Path("models") / "finetuned" / arch / method / name
 
 
@@ -247,7 +248,7 @@ def run(**kw) -> None:
             f"the model has {model.config.num_labels} labels but task {spec.name} has {spec.num_labels}"
         )
     tokenizer = modelio.load_tokenizer(source)
-    out = Path(kw["output_dir"]) if kw["output_dir"] else default_output_dir(source, model, spec)
+    out = Path(kw["output_dir"]) if kw["output_dir"] else default_output_dir(source, model, spec.name)
     cfg = TrainConfig(
         epochs=kw["epochs"], learning_rate=kw["learning_rate"], batch_size=kw["batch_size"],
         warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"], max_steps=kw["max_steps"],
@@ -359,7 +360,7 @@ def run_lm(kw, source, head: str, console) -> None:
         if teacher.config.vocab_size != model.config.vocab_size:
             raise AppError(f"--teacher {kw['teacher']} has another vocabulary ({teacher.config.vocab_size} tokens, "
                            f"the model {model.config.vocab_size})", hint="distil from the model it was compressed from.")  # fmt: skip
-    out = Path(kw["output_dir"]) if kw["output_dir"] else default_lm_output_dir(source, model)
+    out = Path(kw["output_dir"]) if kw["output_dir"] else default_output_dir(source, model, "lm")
     check_output_dir(out, kw["overwrite"], "--output-dir")  # before the expensive part
     facts = checkpoint_facts(model)
     console.info(f"training {source.name} ({cfg.train_params}) on {len(texts)} texts of {kw['train_file']}; "
@@ -404,14 +405,3 @@ def run_lm(kw, source, head: str, console) -> None:
         ppl = f"; eval perplexity {res.ppl_before:.2f} -> {res.ppl_after:.2f}"
     console.result(result, f"trained {res.steps} steps ({res.tokens} tokens), loss {res.train_loss:.4f}{ppl}; "
                            f"saved {out}")  # fmt: skip
-
-
-def default_lm_output_dir(source, model) -> Path:
-    import re
-
-    from flashsvd.app.lm_training import checkpoint_facts
-
-    arch = getattr(model.config, "model_type", "model")
-    method = checkpoint_facts(model).get("method") or "dense"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{source.name}_lm").strip("-")
-    return Path("models") / "finetuned" / arch / method / name

@@ -404,6 +404,13 @@ def _calib_table(path: Path) -> tuple[list[str] | None, list[list[str]]]:
         quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL,
     )
     rows = [r for r in reader if r]
+    if rows and is_header(rows[0]):
+        return [c.strip() for c in rows[0]], rows[1:]
+    return None, rows
+
+
+def is_header(cells: list[str]) -> bool:
+    """A table's first row is a header when it names a column we know (text columns, labels, ids)."""
     known = {name for group in CALIB_TEXT_HEADERS for name in group} | {
         "label",
         "score",
@@ -411,9 +418,7 @@ def _calib_table(path: Path) -> tuple[list[str] | None, list[list[str]]]:
         "idx",
         "id",
     }
-    if rows and {c.strip().lower() for c in rows[0]} & known:
-        return [c.strip() for c in rows[0]], rows[1:]
-    return None, rows
+    return bool({c.strip().lower() for c in cells} & known)
 
 
 def _calib_columns(

@@ -138,10 +138,11 @@ def layer_ranks(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rank_figure(folder: str | Path):
+def rank_figure(folder: str | Path, rows: list[dict[str, Any]] | None = None):
+    """The rank chart of a checkpoint (``rows``: its :func:`layer_ranks`, when already read)."""
     from flashsvd.app.ui.plots import rank_chart
 
-    return rank_chart(layer_ranks(folder))
+    return rank_chart(layer_ranks(folder) if rows is None else rows)
 
 
 def spectrum_figure(model: str, folder: str | Path, layer: str):
@@ -150,19 +151,18 @@ def spectrum_figure(model: str, folder: str | Path, layer: str):
 
     from flashsvd.app import modelio
     from flashsvd.app.ui.plots import spectrum_plot
+    from flashsvd.models.checkpoint import base_prefix
+    from flashsvd.models.lowrank import dense_weight_and_bias
 
     rows = {r["layer"]: r for r in layer_ranks(folder)}
     if layer not in rows:
         raise UIError(f"{layer!r} is not a compressed layer of {folder}; choose one from the list")
     dense = modelio.load(modelio.resolve((model or "default").strip()))
-    prefix = getattr(dense, "base_model_prefix", "")
     try:
         mod = dense.get_submodule(layer)
-    except AttributeError:
-        mod = dense.get_submodule(f"{prefix}.{layer}")
-    w = mod.weight.detach().float()
-    if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-        w = w.T
+    except AttributeError:  # a checkpoint of the base model, a source with a task head over it
+        mod = dense.get_submodule(f"{base_prefix(dense)}.{layer}")
+    w = dense_weight_and_bias(mod)[0].detach().float()  # [out, in], GPT-2's Conv1D transposed
     values = torch.linalg.svdvals(w).tolist()
     return spectrum_plot(values, rows[layer]["rank"], f"{layer} ({tuple(w.shape)})")
 

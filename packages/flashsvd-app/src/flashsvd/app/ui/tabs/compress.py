@@ -40,9 +40,7 @@ def build(ws: Workspace) -> None:
             return None, gr.Dropdown(choices=[], value=None)
         rows = H.layer_ranks(ws.confine(folder))
         names = [r["layer"] for r in rows if r["rank"] is not None]
-        return H.rank_figure(ws.confine(folder)), gr.Dropdown(
-            choices=names, value=names[0] if names else None
-        )
+        return H.rank_figure(folder, rows), gr.Dropdown(choices=names, value=names[0] if names else None)
 
     event = run.click(shown(compress), [model, method, keep, calib, samples, name], [log, card, path],
                       api_name="compress")  # fmt: skip
