@@ -22,13 +22,14 @@ input with features on the last dim (e.g. GPT-2's ``Conv1D``) works as is; for a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from flashsvd.methods.errors import CalibrationMissingError, ShapeError
 from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite
+from flashsvd.methods.reproducible import ReproducibleSum
 
 InputOf = Callable[[nn.Module, tuple], torch.Tensor]
 WeightOf = Callable[[nn.Module], torch.Tensor]
@@ -49,49 +50,108 @@ def default_weight_grad_of(module: nn.Module) -> torch.Tensor | None:
     return None if weight is None else weight.grad
 
 
-@dataclass
+_SUMS = ("gram", "x_sum", "abs_sum", "cross", "ref_sum", "fisher_in", "fisher_out", "grad_out_sq")
+
+
+def _sum_property(name: str, doc: str) -> property:
+    """A float64 tensor read from ``self.sums[name]`` (``None`` if absent); assigning stores a fixed value."""
+
+    def get(self: LayerStatistics) -> torch.Tensor | None:
+        v = self.sums.get(name)
+        return v.value() if isinstance(v, ReproducibleSum) else v
+
+    def put(self: LayerStatistics, value: torch.Tensor | None) -> None:
+        if value is None:
+            self.sums.pop(name, None)
+        else:
+            self.sums[name] = value
+
+    return property(get, put, doc=doc)
+
+
+@dataclass(init=False)
 class LayerStatistics:
-    """Accumulated statistics of one layer's inputs (and optionally its gradients)."""
+    """Accumulated statistics of one layer's inputs (and optionally its gradients).
+
+    Every sum lives in ``sums`` as a :class:`~flashsvd.methods.reproducible.ReproducibleSum` while it is
+    accumulated, so its bits do not depend on the order of the batches or on how many processes shared
+    them; the attributes ``gram``, ``x_sum``, … read it as a float64 tensor. Assigning one (or passing it
+    to the constructor) stores a fixed tensor instead, as derived copies like :meth:`centered` do.
+    """
 
     in_features: int
-    gram: torch.Tensor | None = None
     n_tokens: int = 0
-    abs_sum: torch.Tensor | None = None
-    abs_max: torch.Tensor | None = None
-    x_sum: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    ref_sum: torch.Tensor | None = None
     n_cross_tokens: int = 0
-    fisher_in: torch.Tensor | None = None
-    fisher_out: torch.Tensor | None = None
-    grad_out_sq: torch.Tensor | None = None
     n_grad_batches: int = 0
     n_grad_tokens: int = 0
+    abs_max: torch.Tensor | None = None
+    sums: dict[str, ReproducibleSum | torch.Tensor] = field(default_factory=dict)
+
+    gram = _sum_property("gram", "``XᵀX`` over every input token (float64).")
+    x_sum = _sum_property("x_sum", "Column sums of the inputs (for the mean).")
+    abs_sum = _sum_property("abs_sum", "Per-feature sums of ``|x|`` (ASVD's scales).")
+    cross = _sum_property("cross", "``X̃ᵀ X_ref`` of paired compressed/dense inputs (sequential mode).")
+    ref_sum = _sum_property("ref_sum", "Column sums of the paired dense inputs.")
+    fisher_in = _sum_property("fisher_in", "``Σ_i (∂L/∂W_ij)²`` per input feature.")
+    fisher_out = _sum_property("fisher_out", "``Σ_j (∂L/∂W_ij)²`` per output feature.")
+    grad_out_sq = _sum_property("grad_out_sq", "``Σ_tokens (∂L/∂y)²`` per output feature.")
+
+    def __init__(
+        self,
+        in_features: int,
+        n_tokens: int = 0,
+        n_cross_tokens: int = 0,
+        n_grad_batches: int = 0,
+        n_grad_tokens: int = 0,
+        abs_max: torch.Tensor | None = None,
+        sums: Mapping[str, ReproducibleSum | torch.Tensor] | None = None,
+        **values: torch.Tensor | None,
+    ) -> None:
+        unknown = sorted(set(values) - set(_SUMS))
+        if unknown:
+            raise TypeError(f"LayerStatistics has no statistic {unknown[0]!r} (sums: {', '.join(_SUMS)}).")
+        self.in_features, self.n_tokens, self.n_cross_tokens = in_features, n_tokens, n_cross_tokens
+        self.n_grad_batches, self.n_grad_tokens, self.abs_max = n_grad_batches, n_grad_tokens, abs_max
+        self.sums = dict(sums or {})
+        for name, value in values.items():
+            setattr(self, name, value)
 
     # ---- accumulation -------------------------------------------------------------------------
+    def _accumulator(self, name: str, shape: tuple[int, ...], device: torch.device) -> ReproducibleSum:
+        acc = self.sums.get(name)
+        if not isinstance(acc, ReproducibleSum):
+            acc = ReproducibleSum.zeros(shape, device) if acc is None else ReproducibleSum.of(acc)
+            self.sums[name] = acc
+        return acc
+
+    def _add(self, name: str, term: torch.Tensor) -> None:
+        self._accumulator(name, tuple(term.shape), term.device).add_(term)
+
     def update(self, x: torch.Tensor, *, gram: bool = True, scales: bool = True) -> None:
         """Add a batch of inputs ``x: [..., in]``."""
         x = x.detach().reshape(-1, x.shape[-1])
-        if x.shape[1] != self.in_features:
-            raise ShapeError(f"input has {x.shape[1]} features, statistics expect {self.in_features}.")
-        if gram:  # in place, by token blocks: no second [in, in] buffer, small float64 copies of x
-            if self.gram is None:
-                self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            step = max(1, STREAM_CHUNK_ELEMENTS // x.shape[1])
-            for lo in range(0, x.shape[0], step):
-                xb = x[lo : lo + step].to(torch.float64)
-                self.gram.addmm_(xb.T, xb)
-            xs = x.sum(0, dtype=torch.float64)
-            self.x_sum = xs if self.x_sum is None else self.x_sum.add_(xs)
+        n = x.shape[1]
+        if n != self.in_features:
+            raise ShapeError(f"input has {n} features, statistics expect {self.in_features}.")
+        if gram:  # by row blocks and token blocks: float64 temporaries of STREAM_CHUNK_ELEMENTS each
+            acc = self._accumulator("gram", (n, n), x.device)
+            step = max(1, STREAM_CHUNK_ELEMENTS // n)
+            for r0 in range(0, n, step):
+                rows = slice(r0, min(n, r0 + step))
+                term = x.new_zeros(rows.stop - r0, n, dtype=torch.float64)
+                for lo in range(0, x.shape[0], step):
+                    xb = x[lo : lo + step].to(torch.float64)
+                    term.addmm_(xb[:, rows].T, xb)
+                acc.add_(term, rows=rows)
+            self._add("x_sum", x.sum(0, dtype=torch.float64))
         if scales:
             a = x.abs()
-            s = a.sum(0, dtype=torch.float64)
             m = (
                 a.amax(0).to(torch.float64)
                 if a.shape[0]
                 else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
             )
-            self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+            self._add("abs_sum", a.sum(0, dtype=torch.float64))
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         self.n_tokens += x.shape[0]
 
@@ -101,26 +161,22 @@ class LayerStatistics:
         b = x_reference.detach().reshape(-1, x_reference.shape[-1]).to(torch.float64)
         if a.shape != b.shape:
             raise ShapeError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}.")
-        c = a.T @ b
-        self.cross = c if self.cross is None else self.cross.add_(c)
-        rs = b.sum(0)
-        self.ref_sum = rs if self.ref_sum is None else self.ref_sum.add_(rs)
+        self._add("cross", a.T @ b)
+        self._add("ref_sum", b.sum(0))
         self.n_cross_tokens += a.shape[0]
 
     def update_weight_grad(self, grad: torch.Tensor) -> None:
         """Add the squared gradient of an ``[out, in]`` weight, summed per input and per output."""
         g2 = grad.detach().to(torch.float64).square()
-        fin, fout = g2.sum(0), g2.sum(1)
-        self.fisher_in = fin if self.fisher_in is None else self.fisher_in.add_(fin)
-        self.fisher_out = fout if self.fisher_out is None else self.fisher_out.add_(fout)
+        self._add("fisher_in", g2.sum(0))
+        self._add("fisher_out", g2.sum(1))
         self.n_grad_batches += 1
 
     def update_output_grad(self, grad_out: torch.Tensor) -> None:
         """Add ``Σ_tokens (∂L/∂y)²`` from a backward hook."""
         g = grad_out.detach().reshape(-1, grad_out.shape[-1]).to(torch.float64)
-        s = g.square().sum(0)
+        self._add("grad_out_sq", g.square().sum(0))
         self.n_grad_tokens += g.shape[0]
-        self.grad_out_sq = s if self.grad_out_sq is None else self.grad_out_sq.add_(s)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -159,7 +215,8 @@ class LayerStatistics:
         """
         mu = self.require("x_sum", "centering") / max(self.n_tokens, 1)
         gram = self.require("gram", "centering") - self.n_tokens * torch.outer(mu, mu)
-        moved = dict(self.__dict__, gram=(gram + gram.T) / 2)
+        out = replace(self, sums=self.sums)
+        out.gram = (gram + gram.T) / 2
         if self.cross is not None:
             if self.ref_sum is None:
                 raise CalibrationMissingError(
@@ -167,8 +224,8 @@ class LayerStatistics:
                     "with this version of flashsvd.methods."
                 )
             mu_ref = self.ref_sum / max(self.n_cross_tokens, 1)
-            moved["cross"] = self.cross - self.n_cross_tokens * torch.outer(mu, mu_ref)
-        return LayerStatistics(**moved)
+            out.cross = self.cross - self.n_cross_tokens * torch.outer(mu, mu_ref)
+        return out
 
     def require(self, field_name: str, method: str) -> torch.Tensor:
         """The named statistic, checked present and finite, or a clear error naming the method."""
@@ -182,8 +239,11 @@ class LayerStatistics:
         return value
 
     def to(self, device: torch.device | str) -> LayerStatistics:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return LayerStatistics(**moved)
+        return replace(
+            self,
+            abs_max=None if self.abs_max is None else self.abs_max.to(device),
+            sums={k: v.to(device) for k, v in self.sums.items()},
+        )
 
 
 # The architecture document names the per-model mapping ``CalibrationStats``.

@@ -1,5 +1,8 @@
 """Exact reduction of calibration statistics: SUM for sums and counts, MAX/MIN for extrema.
 
+A :class:`~flashsvd.methods.reproducible.ReproducibleSum` leaf is merged bit-exactly (its bins' MAX, then
+its limbs' SUM), so the reduced statistics do not depend on the number of processes.
+
 The walk is generic (dataclasses, dicts, lists, tuples), so it does not depend on the statistics classes:
 the ranks first exchange the *structure* of what they hold (tensors replaced by shape/dtype/op), merge it
 (union of keys, Python counts reduced there), then all-reduce the tensors in buckets.
@@ -26,6 +29,7 @@ from flashsvd.methods.distributed.group import (
     is_distributed,
     shard,
 )
+from flashsvd.methods.reproducible import ReproducibleSum
 
 T = TypeVar("T")
 
@@ -34,6 +38,8 @@ BUCKET_BYTES = 64 * 2**20
 
 SUM, MAX, MIN, SAME = "sum", "max", "min", "same"
 _OPS = (SUM, MAX, MIN, SAME)
+#: the op of a ReproducibleSum leaf (not a field declaration)
+REPRODUCIBLE = "reproducible"
 
 
 _COUNT_PREFIXES = ("n_", "num_", "count")
@@ -94,6 +100,8 @@ def _field_op(name: str, metadata: Mapping[str, Any] | None, is_tensor: bool) ->
 
 def _skeleton(obj: Any, name: str = "", metadata: Mapping[str, Any] | None = None) -> Any:
     """``obj`` with every tensor replaced by a :class:`_Spec` (cheap to send, same structure)."""
+    if isinstance(obj, ReproducibleSum):
+        return _Spec(tuple(obj.shape), torch.float64, obj.device.type, REPRODUCIBLE)
     if isinstance(obj, torch.Tensor):
         if obj.dtype == torch.bool or obj.is_complex():
             raise DistributedError(f"statistic {name!r} has dtype {obj.dtype}, which cannot be summed.")
@@ -164,8 +172,16 @@ def _merge(parts: list[Any], where: str) -> Any:
     return first
 
 
+def _device(spec: _Spec) -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if spec.device_type == "cuda"
+        else torch.device("cpu")
+    )
+
+
 def _identity(spec: _Spec) -> torch.Tensor:
-    device = torch.device("cuda", torch.cuda.current_device()) if spec.device_type == "cuda" else "cpu"
+    device = _device(spec)
     if spec.op == SUM:
         return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
     lo = spec.op == MAX
@@ -181,6 +197,14 @@ def _materialize(local: Any, merged: Any, leaves: list[tuple[torch.Tensor, str]]
     """``local`` completed to the merged structure (in place where mutable); tensors go to ``leaves``."""
     if merged is None:
         return local
+    if isinstance(merged, _Spec) and merged.op == REPRODUCIBLE:
+        t = (
+            local
+            if isinstance(local, ReproducibleSum)
+            else ReproducibleSum.zeros(merged.shape, _device(merged))
+        )
+        leaves.append((t, merged.op))
+        return t
     if isinstance(merged, _Spec):
         t = local if isinstance(local, torch.Tensor) else _identity(merged)
         leaves.append((t, merged.op))
@@ -228,9 +252,11 @@ class Traffic:
 
 def _reduce_tensors(leaves: list[tuple[torch.Tensor, str]], what: str) -> None:
     """All-reduce ``leaves`` in place, by dtype and op; ``same`` tensors are checked equal everywhere."""
+    _reduce_reproducible([t for t, op in leaves if op == REPRODUCIBLE], what)
     groups: dict[tuple[torch.dtype, str], list[torch.Tensor]] = {}
     for t, op in leaves:
-        groups.setdefault((t.dtype, op), []).append(t)
+        if op != REPRODUCIBLE:
+            groups.setdefault((t.dtype, op), []).append(t)
     for (_, op), tensors in groups.items():
         if op != SAME:
             _all_reduce_bucketed(tensors, op, what)
@@ -240,6 +266,24 @@ def _reduce_tensors(leaves: list[tuple[torch.Tensor, str]], what: str) -> None:
         _all_reduce_bucketed(lo, MIN, what)
         if any(not torch.equal(h, m) for h, m in zip(hi, lo)):  # every rank sees the same max/min
             raise DistributedError(f"{what}: a statistic declared reduce='same' differs between ranks.")
+
+
+def _reduce_reproducible(sums: list[ReproducibleSum], what: str) -> None:
+    """Merge order-independent sums exactly: every rank raises its bins to the MAX, then limbs are summed.
+
+    Limbs on equal bins hold integer multiples of the bin's unit, so their SUM is exact in any order.
+    """
+    if not sums:
+        return
+    top = [s.bin.clone() for s in sums]
+    _all_reduce_bucketed(top, MAX, what)
+    for s, b in zip(sums, top):
+        s.align_(b)
+    _all_reduce_bucketed([s.hi for s in sums] + [s.lo for s in sums], SUM, what)
+    counts = [torch.tensor([s.n_terms], dtype=torch.int64) for s in sums]
+    _all_reduce_bucketed(counts, SUM, what)
+    for s, c in zip(sums, counts):
+        s.n_terms = int(c.item())
 
 
 def _all_reduce_bucketed(tensors: list[torch.Tensor], op: str, what: str) -> None:
