@@ -37,8 +37,6 @@ from flashsvd.app.errors import AppError
 TRAIN_PARAMS = ("all", "v", "lora")
 #: the WikiText-2 test file: perplexity is reported on it, so it is never trained on
 WIKITEXT_TEST_NAMES = ("wiki.test.raw", "wiki.test.tokens")
-#: text columns picked by themselves from a table's header (pairs are used together)
-TEXT_COLUMNS = (("sentence",), ("text",), ("sentence1", "sentence2"), ("question1", "question2"))
 
 
 @dataclass
@@ -85,78 +83,45 @@ def refuse_wikitext_test(path: Path, flag: str = "--train-file") -> None:
 
 
 def read_texts(path: Path, text_column: str | None = None) -> list[str]:
-    """The texts of a local file through ``datasets.load_dataset`` (see ``flashsvd finetune --help``).
+    """The texts of a local file (see ``flashsvd finetune --help``).
 
-    ``.txt``/``.raw``: one text per line. ``.tsv``/``.csv``/``.jsonl``/``.json``: ``text_column`` (a name,
-    a 0-based index, or several joined by commas), else a ``sentence``/``text`` column (or the
-    ``sentence1``+``sentence2`` pair), else the first column. A table without a header line (GLUE's
-    STS-B ``train.tsv``) has its columns named ``0``, ``1``, ...: pass ``--text-column 7,8`` there.
+    ``.txt``/``.raw``: one text per line (``datasets.load_dataset("text")``). ``.tsv``/``.csv``/``.jsonl``/
+    ``.json``: read by :func:`flashsvd.app.tasks.data.read_table` (the reader calibration data goes
+    through too), ``text_column`` (a name, a 0-based index, or several joined by commas), else a
+    ``sentence``/``text`` column (or the ``sentence1``+``sentence2`` pair, ...), else the first column; a
+    column's texts come before the next column's. A table without a header line has its columns named
+    ``0``, ``1``, ...: pass ``--text-column 7,8`` for GLUE's STS-B layout there.
     """
-    import datasets
+    from flashsvd.app.tasks.data import TABLE_SUFFIXES, read_table
 
     path = Path(path)
-    if not path.is_file():
-        raise AppError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    suffix = path.suffix.lower()
-    datasets.disable_progress_bars()
-    try:
-        if suffix in (".tsv", ".csv"):
-            kw: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-            width = _headerless_width(path, "\t" if suffix == ".tsv" else ",")
-            if width:  # no header line (GLUE's STS-B file): columns are named by their index
-                kw["column_names"] = [str(i) for i in range(width)]
-            ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kw)
-        elif suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        else:
-            if text_column is not None:
-                raise AppError(f"--text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
-            ds = datasets.load_dataset("text", data_files=str(path), split="train")
-    except AppError:
-        raise
-    except Exception as err:  # a malformed table: say which file, not a pandas traceback
-        raise AppError(
-            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from err
-    names = list(ds.column_names)
-    cols = _text_columns(path, names, text_column)
-    texts = [str(t).strip() for c in cols for t in ds[c] if t is not None]
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        table = read_table(path)
+        cols = table.pick(text_column, "--text-column")
+        texts = [t.strip() for c in cols for t in table.columns[c]]
+        where = f" in column(s) {', '.join(cols)}" if len(table.names) > 1 else ""
+    else:
+        if text_column is not None:
+            raise AppError(f"--text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
+        texts, where = [t.strip() for t in _text_lines(path)], ""
     texts = [t for t in texts if t]
     if not texts:
-        raise AppError(
-            f"{path} holds no text" + (f" in column(s) {', '.join(cols)}" if len(names) > 1 else "")
-        )
+        raise AppError(f"{path} holds no text{where}")
     return texts
 
 
-def _text_columns(path: Path, names: list[str], text_column: str | None) -> list[str]:
-    if text_column is not None:
-        out = []
-        for c in (c.strip() for c in text_column.split(",")):
-            if c.isdigit() and int(c) < len(names):
-                out.append(names[int(c)])
-            elif c in names:
-                out.append(c)
-            else:
-                raise AppError(
-                    f"--text-column {c!r} is not a column of {path}", hint=f"columns there: {names}"
-                )
-        return out
-    lower = {n.lower(): n for n in names}
-    for group in TEXT_COLUMNS:
-        if all(g in lower for g in group):
-            return [lower[g] for g in group]
-    return names[:1]
+def _text_lines(path: Path) -> list[str]:
+    import datasets
 
-
-def _headerless_width(path: Path, delimiter: str) -> int:
-    """The number of columns when the table's first line is data rather than a header (else 0): a header
-    names at least one column the project knows (``sentence``, ``label``, ...)."""
-    from flashsvd.app.tasks.data import is_header
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().rstrip("\r\n").split(delimiter)
-    return 0 if is_header([c.strip().strip('"') for c in first]) else len(first)
+    if not path.is_file():
+        raise AppError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    datasets.disable_progress_bars()
+    try:
+        return [str(t) for t in datasets.load_dataset("text", data_files=str(path), split="train")["text"]]
+    except Exception as err:  # say which file, not a datasets traceback
+        raise AppError(
+            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
 
 
 class PackedBlocks:
