@@ -140,7 +140,7 @@ def main() -> None:
     after, _ = ppl(model)
     log(f"recovered perplexity {after:.3f} (before {before:.3f})")
     if a.save is not None:
-        from flashsvd.app.lm_training import save_model
+        from flashsvd.app.hf_trainer import save_model
 
         save_model(model, tok, a.save, {"results.json": res.to_json()})
         log(f"saved {a.save}")

@@ -96,3 +96,43 @@ def test_wikitext_is_joined_with_blank_lines(data_dir):
     text, source = load_text(get_task("wikitext2"), data_dir=data_dir)
     assert source.endswith("wiki.test.raw") and "\r" not in text
     assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is")
+
+
+def test_one_table_reader_for_calibration_and_lm_text(tmp_path, monkeypatch):
+    """``read_table`` (datasets' csv/json builders) is what calibration data and LM training text both read:
+    header by ``is_header``, columns by name or index (``7,8``), TSV fields taken as they are."""
+    from flashsvd.app import lm_training
+    from flashsvd.app.tasks import data
+    from flashsvd.app.tasks.data import calibration_texts, read_table
+
+    glue = tmp_path / "stsb.tsv"  # header-less, a bare quote in a field (TSV: no quoting)
+    glue.write_text('0\tmain\tA "plane" takes off.\tA jet leaves.\t5.0\n1\tmain\tNA\tA man plays.\t3.8\n')
+    table = read_table(glue)
+    assert not table.header and table.names == ["0", "1", "2", "3", "4"]
+    assert table.columns["2"] == ['A "plane" takes off.', "NA"] and table.columns["4"] == ["5.0", "3.8"]
+    assert table.pick("2,3", "--text-column") == ["2", "3"] and table.pick(None, "--text-column") == ["0"]
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text('ID,Text\n7,"Hello, there friend"\n8,General Kenobi\n')
+    table = read_table(csv_file)
+    assert table.header and table.pick(None, "--text-column") == ["Text"]  # header names any case
+    assert table.columns["Text"] == ["Hello, there friend", "General Kenobi"]
+
+    calls = []
+    monkeypatch.setattr(data, "read_table", lambda *a, **k: calls.append(a[0]) or read_table(*a, **k))
+    assert calibration_texts(glue, column="2,3")[0] == [
+        'A "plane" takes off.',
+        "A jet leaves.",
+        "NA",
+        "A man plays.",
+    ]
+    assert lm_training.read_texts(glue, "2,3") == [
+        'A "plane" takes off.',
+        "NA",
+        "A jet leaves.",
+        "A man plays.",
+    ]
+    assert calls == [glue, glue]
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(AppError, match="is not UTF-8 text"):
+        lm_training.read_texts(latin)

@@ -1,9 +1,9 @@
 """Recovery fine-tuning of (compressed) causal LMs: next-token loss on local text, through ``transformers.Trainer``.
 
-Why a module of its own, apart from :mod:`flashsvd.app.training` (the GLUE loop): the GLUE loop is a
-hand-written loop with its own safetensors checkpoints and resume; a language model's recovery run is a
-plain Trainer run (accelerate underneath: bf16 autocast, gradient accumulation, data-parallel under
-``torchrun``) that keeps no intermediate checkpoints and ends in one ordinary flashsvd checkpoint. Keeping
+Why a module of its own, apart from :mod:`flashsvd.app.training` (GLUE classifiers): a GLUE run evaluates
+on a dev set, keeps checkpoints and resumes; a language model's recovery run (accelerate underneath: bf16
+autocast, gradient accumulation, data-parallel under ``torchrun``) reads free text, packs it into blocks,
+may distil from a teacher or train LoRA adapters, and ends in one ordinary flashsvd checkpoint. Keeping
 it here lets ``flashsvd finetune --task lm`` and ``benchmarks/quality/recovery.py`` call the same code
 from Python without the CLI. ``datasets``/``peft`` are imported inside the functions that need them.
 
@@ -18,8 +18,10 @@ What trains (``train_params``):
   of the thin factors), so the checkpoint has the input's size; the relative Frobenius error of that
   truncation is reported (``lora_merge_rel_error``).
 
-No Trainer checkpoints (``save_strategy="no"``): they would pickle optimizer state and arguments; the
-result is written by the caller with the project's checkpoint writer (:func:`save_model`).
+The Trainer is the project's subclass (:mod:`flashsvd.app.hf_trainer`, shared with the GLUE path: its
+linear warm-up/decay plan, which the time budget re-estimates). No intermediate checkpoints
+(``save_strategy="no"``): a recovery run is short and ends in one checkpoint, written by the caller with
+:func:`flashsvd.app.hf_trainer.save_model`.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from flashsvd.app.errors import AppError
 TRAIN_PARAMS = ("all", "v", "lora")
 #: the WikiText-2 test file: perplexity is reported on it, so it is never trained on
 WIKITEXT_TEST_NAMES = ("wiki.test.raw", "wiki.test.tokens")
-#: text columns picked by themselves from a table's header (pairs are used together)
-TEXT_COLUMNS = (("sentence",), ("text",), ("sentence1", "sentence2"), ("question1", "question2"))
 
 
 @dataclass
@@ -83,78 +83,45 @@ def refuse_wikitext_test(path: Path, flag: str = "--train-file") -> None:
 
 
 def read_texts(path: Path, text_column: str | None = None) -> list[str]:
-    """The texts of a local file through ``datasets.load_dataset`` (see ``flashsvd finetune --help``).
+    """The texts of a local file (see ``flashsvd finetune --help``).
 
-    ``.txt``/``.raw``: one text per line. ``.tsv``/``.csv``/``.jsonl``/``.json``: ``text_column`` (a name,
-    a 0-based index, or several joined by commas), else a ``sentence``/``text`` column (or the
-    ``sentence1``+``sentence2`` pair), else the first column. A table without a header line (GLUE's
-    STS-B ``train.tsv``) has its columns named ``0``, ``1``, ...: pass ``--text-column 7,8`` there.
+    ``.txt``/``.raw``: one text per line (``datasets.load_dataset("text")``). ``.tsv``/``.csv``/``.jsonl``/
+    ``.json``: read by :func:`flashsvd.app.tasks.data.read_table` (the reader calibration data goes
+    through too), ``text_column`` (a name, a 0-based index, or several joined by commas), else a
+    ``sentence``/``text`` column (or the ``sentence1``+``sentence2`` pair, ...), else the first column; a
+    column's texts come before the next column's. A table without a header line has its columns named
+    ``0``, ``1``, ...: pass ``--text-column 7,8`` for GLUE's STS-B layout there.
     """
-    import datasets
+    from flashsvd.app.tasks.data import TABLE_SUFFIXES, read_table
 
     path = Path(path)
-    if not path.is_file():
-        raise AppError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    suffix = path.suffix.lower()
-    datasets.disable_progress_bars()
-    try:
-        if suffix in (".tsv", ".csv"):
-            kw: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-            width = _headerless_width(path, "\t" if suffix == ".tsv" else ",")
-            if width:  # no header line (GLUE's STS-B file): columns are named by their index
-                kw["column_names"] = [str(i) for i in range(width)]
-            ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kw)
-        elif suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        else:
-            if text_column is not None:
-                raise AppError(f"--text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
-            ds = datasets.load_dataset("text", data_files=str(path), split="train")
-    except AppError:
-        raise
-    except Exception as err:  # a malformed table: say which file, not a pandas traceback
-        raise AppError(
-            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from err
-    names = list(ds.column_names)
-    cols = _text_columns(path, names, text_column)
-    texts = [str(t).strip() for c in cols for t in ds[c] if t is not None]
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        table = read_table(path)
+        cols = table.pick(text_column, "--text-column")
+        texts = [t.strip() for c in cols for t in table.columns[c]]
+        where = f" in column(s) {', '.join(cols)}" if len(table.names) > 1 else ""
+    else:
+        if text_column is not None:
+            raise AppError(f"--text-column applies to .tsv/.csv/.jsonl files, not {path.name}")
+        texts, where = [t.strip() for t in _text_lines(path)], ""
     texts = [t for t in texts if t]
     if not texts:
-        raise AppError(
-            f"{path} holds no text" + (f" in column(s) {', '.join(cols)}" if len(names) > 1 else "")
-        )
+        raise AppError(f"{path} holds no text{where}")
     return texts
 
 
-def _text_columns(path: Path, names: list[str], text_column: str | None) -> list[str]:
-    if text_column is not None:
-        out = []
-        for c in (c.strip() for c in text_column.split(",")):
-            if c.isdigit() and int(c) < len(names):
-                out.append(names[int(c)])
-            elif c in names:
-                out.append(c)
-            else:
-                raise AppError(
-                    f"--text-column {c!r} is not a column of {path}", hint=f"columns there: {names}"
-                )
-        return out
-    lower = {n.lower(): n for n in names}
-    for group in TEXT_COLUMNS:
-        if all(g in lower for g in group):
-            return [lower[g] for g in group]
-    return names[:1]
+def _text_lines(path: Path) -> list[str]:
+    import datasets
 
-
-def _headerless_width(path: Path, delimiter: str) -> int:
-    """The number of columns when the table's first line is data rather than a header (else 0): a header
-    names at least one column the project knows (``sentence``, ``label``, ...)."""
-    from flashsvd.app.tasks.data import is_header
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().rstrip("\r\n").split(delimiter)
-    return 0 if is_header([c.strip().strip('"') for c in first]) else len(first)
+    if not path.is_file():
+        raise AppError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    datasets.disable_progress_bars()
+    try:
+        return [str(t) for t in datasets.load_dataset("text", data_files=str(path), split="train")["text"]]
+    except Exception as err:  # say which file, not a datasets traceback
+        raise AppError(
+            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
 
 
 class PackedBlocks:
@@ -344,32 +311,18 @@ class LMResult:
 
 def _trainer_class():
     import torch
-    from transformers import Trainer
 
-    class RecoveryTrainer(Trainer):
-        """Trainer with an LR schedule that follows a step estimate (time budget) and optional distillation."""
+    from flashsvd.app.hf_trainer import FlashSVDTrainer
 
-        def __init__(self, *args, plan: dict[str, Any], teacher=None, distill_alpha=1.0, **kw):
+    class RecoveryTrainer(FlashSVDTrainer):
+        """The project's Trainer (planned LR schedule, see :mod:`flashsvd.app.hf_trainer`) with optional
+        distillation from a teacher."""
+
+        def __init__(self, *args, teacher=None, distill_alpha=1.0, **kw):
             super().__init__(*args, **kw)
-            self.plan, self.teacher, self.distill_alpha = plan, teacher, distill_alpha
+            self.teacher, self.distill_alpha = teacher, distill_alpha
             if teacher is not None:  # our loss is a mean: Trainer scales it for accumulation
                 self.model_accepts_loss_kwargs = False
-
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            if self.lr_scheduler is None:
-                plan, ratio = self.plan, self.plan["warmup_ratio"]
-                plan.setdefault("total", num_training_steps)
-
-                def factor(step: int) -> float:  # linear warm-up, then linear decay to 0 at the planned total
-                    total = max(1, plan["total"])
-                    warm = int(ratio * total)
-                    if step < warm:
-                        return (step + 1) / warm
-                    return max(0.0, (total - step) / max(1, total - warm))
-
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.teacher is None:
@@ -435,30 +388,6 @@ def _max_over_ranks(value: float) -> float:
     return value
 
 
-def _float_weights_for_trainer(model: Any) -> bool:
-    """Let Trainer train a model transformers calls quantized although its weights are plain floats.
-
-    A flashsvd checkpoint loads through its quantizer (low-rank factors, trainable) and a GGUF file is
-    dequantized to float weights, yet both mark the model ``is_quantized``, which Trainer refuses without
-    adapters. The GGUF quantizer is dropped (nothing of it is left in the weights); a flashsvd model
-    gets its flag back after training (returns whether it had one to give back).
-    """
-    if not getattr(model, "is_quantized", False):
-        return False
-    if not all(p.is_floating_point() for p in model.parameters()):
-        return False  # really quantized weights: Trainer says what to do
-    if getattr(model, "quantization_method", None) == "gguf" or type(
-        getattr(model, "hf_quantizer", None)
-    ).__name__.startswith("Gguf"):
-        for attr in ("hf_quantizer", "quantization_method"):
-            if hasattr(model, attr):
-                delattr(model, attr)
-        model.is_quantized = False
-        return False
-    model.is_quantized = False
-    return True
-
-
 def train_lm(
     model: Any,
     tokenizer: Any,
@@ -484,8 +413,8 @@ def train_lm(
     import tempfile
 
     import torch
-    from transformers import TrainingArguments
 
+    from flashsvd.app.hf_trainer import float_weights_for_trainer, training_arguments
     from flashsvd.app.tasks import runner
 
     cfg.check()
@@ -494,7 +423,7 @@ def train_lm(
     if use_cache:
         model.config.use_cache = False  # no KV cache while training; restored for the saved config
     data = pack(tokenizer, train_texts, cfg.max_length)
-    quantized = _float_weights_for_trainer(model)
+    quantized = float_weights_for_trainer(model)
     model = select_trainable(model, cfg.train_params, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
@@ -506,22 +435,18 @@ def train_lm(
         plan["total"] = cfg.max_steps
     history: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs,
+        args = training_arguments(
+            tmp, on_cuda=on_cuda, seed=cfg.seed, quiet=quiet, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs,
             max_steps=cfg.max_steps if cfg.max_steps is not None else -1, max_grad_norm=cfg.grad_clip,
-            bf16=bf16, use_cpu=not on_cuda, report_to=[], save_strategy="no", eval_strategy="no",
-            logging_steps=cfg.logging_steps, logging_first_step=True, seed=cfg.seed, data_seed=cfg.seed,
-            remove_unused_columns=False, label_names=["labels"], disable_tqdm=quiet, log_level="error",
-            dataloader_num_workers=0, ddp_find_unused_parameters=False,
+            bf16=bf16, save_strategy="no", eval_strategy="no", logging_steps=cfg.logging_steps,
+            logging_first_step=True,
         )  # fmt: skip
         trainer = _trainer_class()(
             model=model, args=args, train_dataset=data, plan=plan, teacher=teacher,
             distill_alpha=cfg.distill_alpha, callbacks=_callbacks(plan, cfg, history),
         )  # fmt: skip
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # stdout stays clean (--json)
         main = trainer.is_world_process_zero()
         dev = trainer.args.device
         if teacher is not None:  # outside the student's autocast: bf16 weights keep it as fast
@@ -559,23 +484,6 @@ def train_lm(
         ppl = runner.perplexity(model, tokenizer, eval_text, eval_seq_len, eval_max_tokens, dev)
         res.ppl_after = ppl["perplexity"]
     return model, res
-
-
-def save_model(model: Any, tokenizer: Any, folder: Path, extra_files: dict[str, Any] | None = None) -> None:
-    """Write the trained model into ``folder`` (which must not exist yet: write into an ``atomic_dir``):
-    a compressed model through ``flashsvd.models.save_compressed``, a dense one with ``save_pretrained``
-    (safetensors), the tokenizer beside it, and each ``extra_files`` entry as JSON."""
-    from flashsvd.app.outputs import write_json_atomic
-    from flashsvd.models import is_compressed, save_compressed
-
-    model.to("cpu")
-    if is_compressed(model):
-        save_compressed(model, folder, tokenizer=tokenizer)
-    else:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-    for name, data in (extra_files or {}).items():
-        write_json_atomic(Path(folder) / name, data)
 
 
 def checkpoint_facts(model: Any) -> dict[str, Any]:

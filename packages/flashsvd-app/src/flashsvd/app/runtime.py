@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -51,6 +52,19 @@ def resolve_dtype(dtype: str | None, device: Any, model_dtype: str | None = None
     if name not in DTYPES:
         raise AppError(f"unknown dtype {dtype!r}", hint="use auto, float32, float16 or bfloat16.")
     return getattr(torch, DTYPES[name])
+
+
+def launched_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 without a launcher).
+
+    Read from the launcher's environment, so a command can decide who prints and writes before a process
+    group exists (transformers' Trainer joins it only when it is built)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (1 without one); see :func:`launched_rank`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def device_description(device: Any) -> str:

@@ -1,38 +1,56 @@
-"""Fine-tuning of (compressed) classifiers: the loop, its checkpoints, and resuming after interruption.
+"""Fine-tuning of (compressed) GLUE classifiers and regressors, on transformers' ``Trainer``.
 
 What trains: for a compressed model, the low-rank factors (``u``, ``v`` and their biases) and the task head
 (classifier, pooler); everything else stays frozen. A dense model trains fully (``train_all``).
 
+How: :class:`flashsvd.app.hf_trainer.FlashSVDTrainer`, the ``Trainer`` subclass the causal-LM path uses
+too (its linear warm-up/decay plan, its safetensors + JSON checkpoints and resume). The dev set is the
+``eval_dataset`` and the task's metrics (:mod:`flashsvd.app.tasks.metrics`, through
+:func:`flashsvd.app.tasks.runner.score`) are ``compute_metrics``; the model is evaluated and checkpointed
+every ``eval_steps`` (default: once per epoch) and at the last step; ``--early-stopping`` is Trainer's
+``EarlyStoppingCallback``; the number of checkpoints kept is ``save_total_limit``. Under ``torchrun``
+Trainer trains data-parallel (``batch_size`` per process) and only the main process writes and prints.
+
 Layout of ``output_dir``::
 
-    checkpoint-<step>/   model + tokenizer, optimizer.safetensors (+ optimizer.json), trainer_state.json
-    best/                the best model so far on the dev metric (model + tokenizer + trainer_state.json)
+    checkpoint-<step>/   model + tokenizer and the training state (see flashsvd.app.hf_trainer)
+    best/                the best model so far on the dev metric (model, tokenizer, trainer_state.json,
+                         training_args.json)
     runs/                TensorBoard logs
     training_state.json  which checkpoint is the latest (what a rerun resumes from)
-    results.json         the final summary
+    results.json         the final summary (written by ``flashsvd finetune``)
 
-No pickle anywhere: tensors go to safetensors, the rest (step, learning-rate schedule position, history,
-optimizer hyper-parameters) to JSON. Every folder is written to a temporary name and renamed.
+No pickle anywhere: tensors go to safetensors, the rest to JSON. Every folder is written to a temporary
+name and renamed. Importing this module imports transformers (``flashsvd finetune`` imports it only when
+it runs).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from flashsvd.app.console import Console
 from flashsvd.app.errors import AppError
-from flashsvd.app.outputs import atomic_dir, write_json_atomic
+from flashsvd.app.hf_trainer import (
+    ARGS_FILE,
+    STATE_FILE,
+    TRAINER_STATE,
+    FlashSVDTrainer,
+    float_weights_for_trainer,
+    training_arguments,
+)
+from flashsvd.app.runtime import launched_rank, launched_world_size
 from flashsvd.app.tasks import runner
 from flashsvd.app.tasks.data import Examples
 from flashsvd.app.tasks.registry import TaskSpec
 
-STATE_FILE = "training_state.json"
 HEAD_PREFIXES = ("classifier", "pre_classifier", "score", "head", "pooler", "bert.pooler", "roberta.pooler")
 
 
@@ -56,18 +74,20 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerState:
+class TrainResult:
+    """What a run did: steps, the dev evaluations (``history``) and the best of them."""
+
     step: int = 0
     total_steps: int = 0
-    steps_per_epoch: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    bad_evals: int = 0
+    stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     task: str = ""
     metric: str = ""
-    stopped_early: bool = False
+    world_size: int = 1
+    is_main: bool = True
 
 
 def trainable_parameters(model: Any, train_all: bool) -> list[tuple[str, Any]]:
@@ -84,70 +104,7 @@ def trainable_parameters(model: Any, train_all: bool) -> list[tuple[str, Any]]:
     return names
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up to ``base`` over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    return base * max(0.0, (total - step) / max(1, total - warmup))
-
-
-# ---- optimizer state as safetensors + JSON --------------------------------------------------------------
-
-
-def save_optimizer(optimizer: Any, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    tensors = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            if hasattr(value, "shape"):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}, indent=1))
-
-
-def load_optimizer(optimizer: Any, folder: Path, device: Any) -> None:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "optimizer.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, extra in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---- the loop ----------------------------------------------------------------------------------------
-
-
-def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    from flashsvd.models import is_compressed, save_compressed
-
-    if is_compressed(model):
-        save_compressed(model, folder)
-    else:
-        model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-def _write_folder(folder: Path, fill) -> None:
-    """Write a complete folder under a temporary name, then put it in place (replacing an old one)."""
-    with atomic_dir(folder, overwrite=True) as tmp:
-        fill(tmp)
+# ---- the run folder ------------------------------------------------------------------------------------
 
 
 #: what ``train`` writes into its output folder (a folder holding anything else is not a run of ours)
@@ -175,21 +132,26 @@ def check_resume_config(checkpoint: Path, cfg: TrainConfig) -> None:
     """Refuse to resume ``checkpoint`` with other hyper-parameters than it was trained with.
 
     Continuing with a new learning rate or batch size would train with the new values while the run's
-    records kept the old ones; the user must either repeat the old values or start over.
+    records kept the old ones; another number of processes would change the global batch and the batches
+    to skip. The user must either repeat the old values or start over.
     """
+    start_over = "pass --no-resume --overwrite to start over."
     try:
-        saved = (
-            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("config") or {}
-        )
+        saved = json.loads((checkpoint / ARGS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AppError(f"{checkpoint} was written by an earlier flashsvd (before fine-tuning ran on transformers' "
+                       "Trainer) and cannot be resumed", hint=start_over) from None  # fmt: skip
     except (OSError, ValueError) as err:
-        raise AppError(f"{checkpoint}/trainer_state.json cannot be read ({err}); the checkpoint is damaged",
-                       hint="pass --no-resume --overwrite to start over.") from None  # fmt: skip
-    now = asdict(cfg)
-    diff = [
-        (flag, saved[k], now[k]) for k, flag in RESUME_MUST_MATCH.items() if k in saved and saved[k] != now[k]
-    ]
+        raise AppError(f"{checkpoint}/{ARGS_FILE} cannot be read ({err}); the checkpoint is damaged",
+                       hint=start_over) from None  # fmt: skip
+    old, now = saved.get("config") or {}, asdict(cfg)
+    diff = [(flag, old[k], now[k]) for k, flag in RESUME_MUST_MATCH.items() if k in old and old[k] != now[k]]
+    if saved.get("world_size", 1) != launched_world_size():
+        diff.append(
+            ("processes (torchrun --nproc-per-node)", saved.get("world_size", 1), launched_world_size())
+        )
     if diff:
-        told = "; ".join(f"{flag} was {old}, now {new}" for flag, old, new in diff)
+        told = "; ".join(f"{flag} was {was}, now {new}" for flag, was, new in diff)
         raise AppError(
             f"cannot resume {checkpoint} with other hyper-parameters ({told})",
             hint="repeat the run's values to continue it, or pass --no-resume --overwrite (or another "
@@ -197,20 +159,144 @@ def check_resume_config(checkpoint: Path, cfg: TrainConfig) -> None:
         )
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    state = output_dir / STATE_FILE
-    if not state.is_file():
-        return None
-    name = json.loads(state.read_text()).get("latest")
-    path = output_dir / name if name else None
-    return path if path is not None and (path / "trainer_state.json").is_file() else None
-
-
 def evaluate_dev(
     model, tokenizer, spec: TaskSpec, dev: Examples, cfg: TrainConfig, device
 ) -> dict[str, float]:
+    """Every metric of ``spec`` on ``dev``, in one process (the Trainer run scores through ``_scorer``)."""
     preds = runner.predict_head(model, tokenizer, dev, spec, cfg.eval_batch_size, cfg.max_length, device)
     return runner.score(spec, preds, dev.labels)
+
+
+# ---- pieces of the Trainer run ---------------------------------------------------------------------------
+
+
+class _Rows:
+    """``Examples`` as a map-style dataset of dicts; :class:`_Batches` tokenizes them a batch at a time."""
+
+    def __init__(self, examples: Examples) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.examples
+        return {"text": ex.texts[i], "pair": None if ex.pairs is None else ex.pairs[i], "label": ex.labels[i]}
+
+
+class _Batches:
+    """Data collator: tokenizes as evaluation does (:func:`runner.tokenize`: padded to the longest,
+    truncated to ``max_length``) and adds float (regression) or class-id labels."""
+
+    def __init__(self, tokenizer: Any, max_length: int, regression: bool) -> None:
+        self.tokenizer, self.max_length, self.regression = tokenizer, max_length, regression
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        pairs = None if rows[0]["pair"] is None else [r["pair"] for r in rows]
+        batch = runner.tokenize(self.tokenizer, [r["text"] for r in rows], pairs, self.max_length, "cpu")
+        labels = [r["label"] for r in rows]
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
+        return batch
+
+
+def _scorer(spec: TaskSpec):
+    """``compute_metrics``: class ids (argmax) or regression scores, scored by :func:`runner.score`."""
+
+    def compute(pred: Any) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        preds = logits.reshape(-1) if spec.kind == "regression" else logits.argmax(-1)
+        return runner.score(spec, preds.tolist(), pred.label_ids.reshape(-1).tolist())
+
+    return compute
+
+
+class _Progress(TrainerCallback):
+    """The console's progress bar (step, loss) and a line per evaluation, on the main process; stamps each
+    evaluation in the log history with the seconds since training started; stops a run whose loss is no
+    longer finite (with a message, rather than training on NaN)."""
+
+    def __init__(self, console: Console, spec: TaskSpec) -> None:
+        self.console, self.spec, self.bar, self.t0 = console, spec, None, 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+        if state.is_world_process_zero:
+            self.bar = self.console.bar(state.max_steps, f"finetune {self.spec.name}", unit="step",
+                                        initial=state.global_step)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            raise AppError(
+                f"the loss became {loss} at step {state.global_step}", hint="lower --learning-rate."
+            )
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        key = f"eval_{self.spec.main_metric}"
+        if state.log_history and key in state.log_history[-1]:
+            state.log_history[-1]["seconds"] = time.perf_counter() - self.t0
+        value = (metrics or {}).get(key)
+        if value is None or not state.is_world_process_zero:
+            return
+        best, at = state.best_metric, state.best_global_step  # Trainer updates them after this callback
+        if best is None or at is None or value > best:
+            best, at = value, state.global_step
+        self.console.info(f"step {state.global_step}: dev {self.spec.main_metric} {value:.4f} "
+                          f"(best {best:.4f} at step {at})")  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _tensorboard(folder: Path, console: Console) -> list[Any]:
+    """Trainer's TensorBoard callback writing into ``folder`` (the main process only), if installed."""
+    try:
+        from transformers.integrations import TensorBoardCallback
+
+        callback = TensorBoardCallback()
+    except (ImportError, RuntimeError):
+        console.info("TensorBoard logging is off: pip install tensorboard")
+        return []
+    callback.logging_dir = str(folder)
+    return [callback]
+
+
+def _early_stop_count(state: Any) -> int:
+    saved = (state.stateful_callbacks or {}).get("EarlyStoppingCallback") or {}
+    saved = saved[-1] if isinstance(saved, list) and saved else saved
+    return int((saved.get("attributes") or {}).get("early_stopping_patience_counter", 0)) if saved else 0
+
+
+def _result(state: Any, spec: TaskSpec, cfg: TrainConfig, total: int, world: int, main: bool) -> TrainResult:
+    """The run's summary from Trainer's state (the evaluations are in its log history)."""
+    key = f"eval_{spec.main_metric}"
+    history = [
+        {"step": e["step"], "seconds": e.get("seconds"),
+         **{m: e[f"eval_{m}"] for m in spec.metrics if f"eval_{m}" in e}}
+        for e in state.log_history if key in e
+    ]  # fmt: skip
+    best = state.best_metric if state.best_metric is not None and math.isfinite(state.best_metric) else None
+    return TrainResult(
+        step=state.global_step, total_steps=total, best_metric=best,
+        best_step=state.best_global_step if best is not None else None,
+        stopped_early=cfg.early_stopping and _early_stop_count(state) >= cfg.patience and state.global_step < total,
+        history=history, config=asdict(cfg), task=spec.name, metric=spec.main_metric, world_size=world, is_main=main,
+    )  # fmt: skip
+
+
+# ---- the run ------------------------------------------------------------------------------------------
 
 
 def train(
@@ -224,11 +310,19 @@ def train(
     device: Any,
     console: Console,
     resume_from: Path | None = None,
-) -> TrainerState:
-    """Fine-tune ``model`` on ``train_data``, evaluating on ``dev``; see the module docstring for outputs."""
-    import torch
+) -> TrainResult:
+    """Fine-tune ``model`` on ``train_data``, evaluating on ``dev``; see the module docstring for outputs.
 
-    torch.manual_seed(cfg.seed)
+    ``resume_from`` (a ``checkpoint-<step>`` folder of this run) continues the run: the model must have
+    been loaded from that folder (its ranks), the rest (weights, optimizer, schedule, data position, random
+    generators, early-stopping counter) is restored here. A run already at its last step, or stopped
+    early, is not trained further. Only the main process writes; all of them return the summary.
+    """
+    import torch
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import TrainerState
+
+    output_dir = Path(output_dir)
     params = trainable_parameters(model, cfg.train_all)
     if not params:
         raise AppError("nothing to train: the model has no low-rank factors nor a task head",
@@ -236,130 +330,44 @@ def train(
     wanted = {id(p) for _, p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-    )
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    world = launched_world_size()
+    steps_per_epoch = math.ceil(len(train_data) / (cfg.batch_size * world))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
-    eval_steps = cfg.eval_steps or steps_per_epoch
-    state = TrainerState(total_steps=total, steps_per_epoch=steps_per_epoch, config=asdict(cfg), task=spec.name,
-                         metric=spec.main_metric)  # fmt: skip
+    every = cfg.eval_steps or steps_per_epoch
+    main = launched_rank() == 0
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
-        state.total_steps = total
-        load_optimizer(optimizer, resume_from, device)
-        rng = resume_from / "rng.safetensors"
-        if rng.is_file():
-            from safetensors.torch import load_file
-
-            torch.set_rng_state(load_file(str(rng))["cpu"])
-        console.info(f"resuming from {resume_from} at step {state.step}")
-    writer = _tensorboard(output_dir / "runs", console)
-    labels_dtype = torch.float32 if spec.kind == "regression" else torch.long
-    model.train()
-    bar = console.bar(total, f"finetune {spec.name}", unit="step", initial=state.step)
-    t0 = time.perf_counter()
+        saved = TrainerState.load_from_json(str(Path(resume_from) / TRAINER_STATE))
+        if saved.global_step >= total or (cfg.early_stopping and _early_stop_count(saved) >= cfg.patience):
+            console.info(f"{resume_from} is at step {saved.global_step}: nothing left to train")
+            model.eval()
+            return _result(saved, spec, cfg, max(total, saved.global_step), world, main)
+        console.info(f"resuming from {resume_from} at step {saved.global_step}")
+    args = training_arguments(
+        output_dir, on_cuda=torch.device(device).type == "cuda", seed=cfg.seed, quiet=True,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_steps=total,
+        max_grad_norm=cfg.grad_clip, eval_strategy="steps", eval_steps=every, save_strategy="steps",
+        save_steps=every, save_total_limit=cfg.keep_checkpoints, metric_for_best_model=spec.main_metric,
+        greater_is_better=True, logging_steps=1, logging_nan_inf_filter=False,
+        restore_callback_states_from_checkpoint=True,
+    )  # fmt: skip
+    progress = _Progress(console, spec)
+    callbacks = [progress, *_tensorboard(output_dir / "runs", console)]
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    quantized = float_weights_for_trainer(model)
+    run_info = {"task": spec.name, "metric": spec.main_metric, "config": asdict(cfg), "world_size": world}
+    trainer = FlashSVDTrainer(
+        model=model, args=args, train_dataset=_Rows(train_data), eval_dataset=_Rows(dev),
+        data_collator=_Batches(tokenizer, cfg.max_length, spec.kind == "regression"),
+        compute_metrics=_scorer(spec), callbacks=callbacks, plan={"warmup_ratio": cfg.warmup_ratio, "total": total},
+        tokenizer=tokenizer, best_dir=output_dir / "best", run_info=run_info,
+    )  # fmt: skip
     try:
-        while state.step < total and not state.stopped_early:
-            epoch, offset = divmod(state.step, steps_per_epoch)
-            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            for b in range(offset, steps_per_epoch):
-                if state.step >= total:
-                    break
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
-                texts = [train_data.texts[i] for i in idx]
-                pairs = None if train_data.pairs is None else [train_data.pairs[i] for i in idx]
-                inputs = runner.tokenize(tokenizer, texts, pairs, cfg.max_length, device)
-                inputs["labels"] = torch.tensor(
-                    [train_data.labels[i] for i in idx], dtype=labels_dtype, device=device
-                )
-                lr = lr_at(state.step, total, warmup, cfg.learning_rate)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss = model(**inputs).loss
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise AppError(f"the loss became {value} at step {state.step}",
-                                   hint="lower --learning-rate.")  # fmt: skip
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", value, state.step)
-                    writer.add_scalar("train/lr", lr, state.step)
-                if state.step % eval_steps == 0 or state.step == total:
-                    _evaluate_and_save(model, tokenizer, spec, dev, cfg, device, optimizer, state, output_dir,
-                                       writer, console, time.perf_counter() - t0)  # fmt: skip
-                    model.train()
-                    if state.stopped_early:
-                        break
+        trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    model.eval()
-    return state
-
-
-def _evaluate_and_save(model, tokenizer, spec, dev, cfg, device, optimizer, state, output_dir, writer, console,
-                       seconds) -> None:  # fmt: skip
-    import torch
-
-    model.eval()
-    metrics = evaluate_dev(model, tokenizer, spec, dev, cfg, device)
-    value = metrics[spec.main_metric]
-    state.history.append({"step": state.step, "seconds": seconds, **metrics})
-    if writer is not None:
-        for k, v in metrics.items():
-            writer.add_scalar(f"eval/{k}", v, state.step)
-        writer.flush()
-    improved = state.best_metric is None or value > state.best_metric
-    if improved:
-        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-    else:
-        state.bad_evals += 1
-        if cfg.early_stopping and state.bad_evals >= cfg.patience:
-            state.stopped_early = True
-    console.info(f"step {state.step}: dev {spec.main_metric} {value:.4f} (best {state.best_metric:.4f} "
-                 f"at step {state.best_step})")  # fmt: skip
-    if improved:
-        _write_folder(
-            output_dir / "best",
-            lambda d: (
-                _save_model(model, tokenizer, d),
-                write_json_atomic(d / "trainer_state.json", asdict(state)),
-            ),
-        )
-    name = f"checkpoint-{state.step}"
-
-    def fill(d: Path) -> None:
-        from safetensors.torch import save_file
-
-        _save_model(model, tokenizer, d)
-        save_optimizer(optimizer, d)
-        save_file({"cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
-        write_json_atomic(d / "trainer_state.json", asdict(state))
-
-    _write_folder(output_dir / name, fill)
-    write_json_atomic(output_dir / STATE_FILE, {"latest": name, "step": state.step})
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _tensorboard(folder: Path, console: Console):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        console.info("TensorBoard logging is off: pip install tensorboard")
-        return None
-    return SummaryWriter(log_dir=str(folder))
+        progress.close()
+        if quantized:
+            model.is_quantized = True
+        model.eval()
+    return _result(trainer.state, spec, cfg, total, trainer.args.world_size, trainer.is_world_process_zero())

@@ -69,8 +69,8 @@ def compress(
         str | None,
         typer.Option(
             "--calib-text-column",
-            help="Column of --calib-data (.tsv/.csv/.jsonl) holding the text: a header name or 0-based index "
-            "(default: the sentence/text/question columns named in the header).",
+            help="Column(s) of --calib-data (.tsv/.csv/.jsonl) holding the text: header names or 0-based "
+            "indices, e.g. 7,8 (default: the sentence/text/question columns named in the header).",
         ),
     ] = None,
     calib_samples: Annotated[

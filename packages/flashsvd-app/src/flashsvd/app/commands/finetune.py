@@ -13,10 +13,11 @@ from flashsvd.app.errors import guarded
 HELP = """Fine-tune a (compressed) model on a GLUE task, or recover a causal LM on local text (--task lm).
 
 A compressed checkpoint trains its low-rank factors and task head (--train-all: everything); a dense
-model (e.g. --model default) gets a classification head and trains fully. Output (default
-models/finetuned/<arch>/<method>/<name>/): best/, checkpoint-<step>/ (with optimizer state as
-safetensors + JSON), runs/ (TensorBoard), results.json. Rerunning the same command resumes from the
-latest checkpoint (--no-resume starts over, with --overwrite).
+model (e.g. --model default) gets a classification head and trains fully. Both run on transformers'
+Trainer (torchrun for data-parallel; --batch-size is per process). Output (default
+models/finetuned/<arch>/<method>/<name>/): best/, checkpoint-<step>/ (with optimizer, schedule and
+random-generator state as safetensors + JSON), runs/ (TensorBoard), results.json. Rerunning the same
+command resumes from the latest checkpoint (--no-resume starts over, with --overwrite).
 
 Causal LMs (--task lm; chosen by itself for a decoder given --train-file): next-token loss on --train-file
 (.txt: a text per line; .tsv/.csv/.jsonl: --text-column, else a sentence/text column, else the first),
@@ -143,18 +144,23 @@ def default_output_dir(source, model, task: str) -> Path:
     return Path("models") / "finetuned" / arch / method / name
 
 
-def prepare_output_dir(out: Path, cfg, resume: bool, overwrite: bool, console) -> Path | None:
+def prepare_output_dir(
+    out: Path, cfg, resume: bool, overwrite: bool, console, main: bool = True
+) -> Path | None:
     """Decide what happens to an existing ``out``; returns the checkpoint to resume from, if any.
 
     A run with a checkpoint resumes (with the same hyper-parameters) unless --no-resume; --overwrite
     starts over; a run stopped before its first checkpoint starts over by itself (its best/ stays until
     the new run's first evaluation replaces it). Folders that are not fine-tune runs are never touched.
+    Under ``torchrun`` every process decides the same from the folder, but only the main one
+    (``main``) removes anything: the others' answer does not depend on whether it already has.
     """
     import shutil
 
     from flashsvd.app.errors import AppError
+    from flashsvd.app.hf_trainer import latest_checkpoint
     from flashsvd.app.outputs import check_writable, clean_stale_partials, is_leftover
-    from flashsvd.app.training import check_resume_config, is_run_folder, latest_checkpoint
+    from flashsvd.app.training import check_resume_config, is_run_folder
 
     if out.exists() and not out.is_dir():
         raise AppError(f"--output-dir {out} is a file", hint="choose a folder for the run.")
@@ -167,14 +173,16 @@ def prepare_output_dir(out: Path, cfg, resume: bool, overwrite: bool, console) -
             + (" even with --overwrite" if overwrite else ""),
             hint="choose another --output-dir, or move those files away yourself.",
         )
-    for folder in (out, *(p for p in out.iterdir() if p.is_dir() and not is_leftover(p))):
-        clean_stale_partials(folder)
+    if main:
+        for folder in (out, *(p for p in out.iterdir() if p.is_dir() and not is_leftover(p))):
+            clean_stale_partials(folder)
     latest = latest_checkpoint(out)
     if latest is not None and resume:
         check_resume_config(latest, cfg)
         return latest
     if overwrite:
-        shutil.rmtree(out)
+        if main:
+            shutil.rmtree(out)
         return None
     if latest is None:
         console.info(
@@ -192,12 +200,16 @@ def run(**kw) -> None:
     from flashsvd.app import modelio
     from flashsvd.app.console import Console, silence_libraries
     from flashsvd.app.errors import AppError
+    from flashsvd.app.hf_trainer import latest_checkpoint
     from flashsvd.app.outputs import write_json_atomic
-    from flashsvd.app.runtime import provenance, resolve_device
+    from flashsvd.app.runtime import launched_rank, provenance, resolve_device
     from flashsvd.app.tasks.data import Columns, load_examples
     from flashsvd.app.tasks.registry import get_task
-    from flashsvd.app.training import TrainConfig, latest_checkpoint, train
+    from flashsvd.app.training import TrainConfig, train
 
+    main = launched_rank() == 0
+    if not main:  # under torchrun only rank 0 prints (and writes)
+        kw = {**kw, "quiet": True, "json_out": False}
     console = Console(kw["quiet"], kw["json_out"])
     silence_libraries()
     if kw["checkpoint"] is not None and kw["model"] is not None:
@@ -219,14 +231,6 @@ def run(**kw) -> None:
         raise AppError(
             f"{source.name} is a causal LM: GLUE fine-tuning ({spec.name}) needs an encoder or classifier",
             hint="recover a causal LM on text with --task lm --train-file FILE.",
-        )
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise AppError(
-            f"GLUE fine-tuning ({spec.name}) runs in one process: under torchrun every process would train "
-            "on the whole data set and write the same folder",
-            hint="launch it without torchrun/accelerate (data-parallel runs: --task lm, on transformers' Trainer).",
         )
     if kw["train_params"] is not None:
         raise AppError(
@@ -255,18 +259,22 @@ def run(**kw) -> None:
         eval_steps=kw["eval_steps"], early_stopping=kw["early_stopping"], patience=kw["patience"],
         max_length=kw["max_length"], train_all=kw["train_all"] or source.kind != "flashsvd", seed=kw["seed"],
     )  # fmt: skip
-    resume_from = prepare_output_dir(out, cfg, kw["resume"], kw["overwrite"], console)
-    if resume_from is not None:
+    resume_from = prepare_output_dir(out, cfg, kw["resume"], kw["overwrite"], console, main)
+    if resume_from is not None:  # the checkpoint's ranks; it inherits the source's files as a fresh run would
         model = modelio.load(modelio.resolve(str(resume_from)), head="classification",
                              num_labels=spec.num_labels, backend="torch")  # fmt: skip
+        model.name_or_path = model.config._name_or_path = source.location
     model.to(device)
     console.info(f"training {source.name} on {len(train_data)} {spec.name} examples ({train_data.source}); "
                  f"dev {len(dev)} ({dev.source}); output {out}")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         state = train(model, tokenizer, spec, train_data, dev, cfg, out, device, console, resume_from)
     except KeyboardInterrupt:
+        if not main:
+            raise AppError("interrupted", exit_code=130) from None
         latest = latest_checkpoint(out)
         if latest is not None:
             msg = f"interrupted: complete checkpoints are kept in {out}; rerun the same command to resume from {latest}"
@@ -288,8 +296,11 @@ def run(**kw) -> None:
         "source": source.location,
         "seconds": time.perf_counter() - t0,
         "config": state.config,
+        "world_size": state.world_size,
         **provenance(device),
     }
+    if not main:
+        return
     write_json_atomic(out / "results.json", result)
     if state.history:
         cols = ["step", *[k for k in state.history[-1] if k != "step"]]
@@ -303,29 +314,24 @@ def run(**kw) -> None:
 
 
 def run_lm(kw, source, head: str, console) -> None:
-    """``--task lm``: recovery fine-tuning of a causal LM with :mod:`flashsvd.app.lm_training`."""
-    import os
-
+    """``--task lm``: recovery fine-tuning of a causal LM with :mod:`flashsvd.app.lm_training` (``kw`` and
+    ``console`` are already quiet on the processes other than rank 0)."""
     import torch
 
     from flashsvd.app import modelio
-    from flashsvd.app.console import Console
     from flashsvd.app.errors import AppError
+    from flashsvd.app.hf_trainer import save_model
     from flashsvd.app.lm_training import (
         LMTrainConfig,
         checkpoint_facts,
         eval_text,
         read_texts,
         refuse_wikitext_test,
-        save_model,
         train_lm,
     )
     from flashsvd.app.outputs import atomic_dir, check_output_dir
     from flashsvd.app.runtime import provenance, resolve_device
 
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 prints (and writes)
-        console = Console(True, False)
-        kw = {**kw, "quiet": True, "json_out": False}
     if head != "causal-lm":
         raise AppError(f"--task lm trains a causal LM with next-token loss; {source.name} is a {head} model",
                        hint="fine-tune encoders and classifiers on a GLUE task (--task sst2, ...).")  # fmt: skip

@@ -149,10 +149,27 @@ def describe(folder: Path) -> dict:
     state = folder / "trainer_state.json"
     if state.is_file():
         try:
-            out["training"] = json.loads(state.read_text(encoding="utf-8"))
+            out["training"] = _training(json.loads(state.read_text(encoding="utf-8")), folder)
         except ValueError:
             out["training"] = {"problem": "trainer_state.json is not valid JSON"}
     return out
+
+
+def _training(state: dict, folder: Path) -> dict:
+    """What a fine-tune run (``flashsvd finetune``) says about the folder: Trainer's state has a log entry
+    per step, so only its evaluations are shown, with the run's task and settings (``training_args.json``)."""
+    import json
+
+    if not isinstance(state, dict) or "log_history" not in state:
+        return state
+    try:
+        run = json.loads((folder / "training_args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        run = {}
+    evals = [e for e in state.get("log_history") or [] if any(str(k).startswith("eval_") for k in e)]
+    return {"task": run.get("task"), "metric": run.get("metric"), "step": state.get("global_step"),
+            "best_metric": state.get("best_metric"), "best_step": state.get("best_global_step"),
+            "evaluations": evals, "config": run.get("config")}  # fmt: skip
 
 
 def recipe_line(recipe: dict | None) -> str:

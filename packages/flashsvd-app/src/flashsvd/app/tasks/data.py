@@ -4,6 +4,9 @@ Where data comes from, first match wins: ``--data-file``; ``--data-dir`` (GLUE l
 or the file directly in ``<dir>``); the shared data folder ``../shared/data`` seen from the current directory;
 ``datasets.load_dataset("glue", task)`` unless ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set. Local files
 may be TSV (GLUE layouts, with or without a header), CSV (with a header), JSONL, or raw text (perplexity).
+
+Unlabelled text tables (``--calib-data``, and the causal-LM path's ``--train-file``/``--eval-file``) have one
+reader, :func:`read_table`, and one rule for which columns hold the text (:meth:`Table.pick`).
 """
 
 from __future__ import annotations
@@ -345,10 +348,19 @@ def load_text(
 
 
 #: header names of text columns, most specific first; pairs are used together
-CALIB_TEXT_HEADERS = (
+TEXT_HEADERS = (
     ("sentence",), ("text",), ("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
     ("question",), ("premise", "hypothesis"), ("content",), ("document",),
 )  # fmt: skip
+#: files read as tables of texts (:func:`read_table`); anything else is plain text, a line each
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+def _not_utf8(path: Path, what: str, err: UnicodeDecodeError) -> AppError:
+    return AppError(
+        f"{what + ' ' if what else ''}{path} is not UTF-8 text (byte {err.start}: {err.reason})",
+        hint="pass a UTF-8 text file (convert it with `iconv -t UTF-8`).",
+    )
 
 
 def read_text(path: Path, what: str = "") -> str:
@@ -356,10 +368,7 @@ def read_text(path: Path, what: str = "") -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise AppError(
-            f"{what + ' ' if what else ''}{path} is not UTF-8 text (byte {err.start}: {err.reason})",
-            hint="pass a UTF-8 text file (convert it with `iconv -t UTF-8`).",
-        ) from None
+        raise _not_utf8(path, what, err) from None
     except IsADirectoryError:
         raise AppError(f"{what + ' ' if what else ''}{path} is a folder, not a file") from None
 
@@ -387,31 +396,9 @@ def _is_number(value: str) -> bool:
     return True
 
 
-def _calib_table(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    """``(header or None, rows)`` of a .tsv/.csv/.jsonl file; a header is a first row naming known columns."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        records = [r for r in _read_jsonl(path) if isinstance(r, dict)]
-        if not records:
-            return None, []
-        keys = list(records[0])
-        return keys, [["" if r.get(k) is None else str(r.get(k)) for k in keys] for r in records]
-    delim = "\t" if suffix == ".tsv" else ","
-    text = read_text(path, "--calib-data")
-    reader = csv.reader(
-        io.StringIO(text, newline=""),
-        delimiter=delim,
-        quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL,
-    )
-    rows = [r for r in reader if r]
-    if rows and is_header(rows[0]):
-        return [c.strip() for c in rows[0]], rows[1:]
-    return None, rows
-
-
 def is_header(cells: list[str]) -> bool:
     """A table's first row is a header when it names a column we know (text columns, labels, ids)."""
-    known = {name for group in CALIB_TEXT_HEADERS for name in group} | {
+    known = {name for group in TEXT_HEADERS for name in group} | {
         "label",
         "score",
         "index",
@@ -421,31 +408,115 @@ def is_header(cells: list[str]) -> bool:
     return bool({c.strip().lower() for c in cells} & known)
 
 
-def _calib_columns(
-    path: Path, header: list[str] | None, rows: list[list[str]], column: str | None
-) -> list[int]:
-    """Indices of the text column(s) to calibrate on (see :func:`calibration_texts`)."""
-    width = max((len(r) for r in rows), default=0)
-    if column is not None:
-        if column.isdigit():
-            if int(column) >= width:
-                raise AppError(f"--calib-text-column {column}: {path} has {width} columns (0..{width - 1})")
-            return [int(column)]
-        names = [h.lower() for h in header or []]
-        if column.lower() not in names:
-            raise AppError(
-                f"--calib-text-column {column!r} is not a column of {path}",
-                hint=f"columns there: {header}"
-                if header
-                else "the file has no header: pass a 0-based index.",
-            )
-        return [names.index(column.lower())]
-    if header is not None:
-        names = [h.lower() for h in header]
-        for group in CALIB_TEXT_HEADERS:
-            if all(g in names for g in group):
-                return [names.index(g) for g in group]
-    return [0]
+@dataclass
+class Table:
+    """A local table of texts (see :func:`read_table`): its column names, ``"0"``, ``"1"``, ... when the
+    file has no header line, and every column's values as strings (``""`` where a row has none)."""
+
+    path: Path
+    names: list[str]
+    columns: dict[str, list[str]]
+    header: bool
+
+    def pick(self, column: str | None, flag: str) -> list[str]:
+        """Names of the text column(s): ``column`` (header names or 0-based indices, several joined by
+        commas, e.g. ``7,8``), else the first group of :data:`TEXT_HEADERS` the header names (a pair is
+        used together), else the first column."""
+        names, lower = self.names, {n.lower(): n for n in self.names}
+        if column is None:
+            for group in TEXT_HEADERS:
+                if all(g in lower for g in group):
+                    return [lower[g] for g in group]
+            return names[:1]
+        out = []
+        for c in (c.strip() for c in column.split(",")):
+            if c.isdigit():
+                if int(c) >= len(names):
+                    raise AppError(f"{flag} {c}: {self.path} has {len(names)} columns (0..{len(names) - 1})")
+                out.append(names[int(c)])
+            elif c in names or c.lower() in lower:
+                out.append(c if c in names else lower[c.lower()])
+            else:
+                raise AppError(
+                    f"{flag} {c!r} is not a column of {self.path}",
+                    hint=f"columns there: {names}"
+                    if self.header
+                    else "the file has no header: pass a 0-based index.",
+                )
+        return out
+
+
+def _first_row(path: Path, delimiter: str) -> list[str] | None:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        for row in csv.reader(f, delimiter=delimiter, quoting=quoting):
+            if any(c.strip() for c in row):
+                return [c.strip().strip('"') for c in row]
+    return None
+
+
+def read_table(path: Path, what: str = "") -> Table:
+    """A ``.tsv``/``.csv``/``.jsonl``/``.json`` file through ``datasets.load_dataset("csv"/"json")``: the one
+    reader of text tables (calibration data, LM training text).
+
+    TSV fields are taken as they are (no quoting: GLUE's TSV files hold bare quote characters), CSV
+    fields may be quoted. The first row is a header when it names a known column (:func:`is_header`);
+    otherwise every row is data and the columns are named by their index. All values are read as
+    strings (an ``NA`` sentence stays ``NA``); a file that is not UTF-8 is an error that names it.
+    """
+    import logging
+
+    import datasets
+
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise AppError(f"{label} does not exist" if not path.exists() else f"{label} is not a file")
+    suffix = path.suffix.lower()
+    datasets.disable_progress_bars()
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # a failure is reported once, below, not logged as well
+    try:
+        if suffix in (".tsv", ".csv"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            first = _first_row(path, delimiter)
+            if first is None:
+                raise AppError(f"{label} holds no text")
+            header = is_header(first)
+            names = first if header else [str(i) for i in range(len(first))]
+            features = datasets.Features({n: datasets.Value("string") for n in names})
+            kw: dict = {
+                "delimiter": delimiter,
+                "column_names": names,
+                "features": features,
+                "na_filter": False,
+            }
+            if header:
+                kw["header"] = 0  # replaced by the (stripped) names above
+            if suffix == ".tsv":
+                kw["quoting"] = csv.QUOTE_NONE
+            ds = datasets.load_dataset("csv", data_files=str(path), split="train", **kw)
+        else:
+            header = True
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except AppError:
+        raise
+    except Exception as err:  # a malformed table: say which file and what is wrong, not a traceback
+        cause: BaseException = err
+        while (cause.__cause__ or cause.__context__) is not None and not isinstance(
+            cause, UnicodeDecodeError
+        ):
+            cause = cause.__cause__ or cause.__context__  # the innermost error says what is wrong
+        if isinstance(cause, UnicodeDecodeError):
+            raise _not_utf8(path, what, cause) from None
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise AppError(f"cannot read {label}: {reason}") from err
+    finally:
+        log.setLevel(level)
+    names = list(ds.column_names)
+    columns = {n: ["" if v is None else str(v) for v in ds[n]] for n in names}
+    return Table(path, names, columns, header)
 
 
 def calibration_texts(
@@ -453,29 +524,27 @@ def calibration_texts(
 ) -> tuple[list[str], list[str]]:
     """``(texts, column names)`` for calibration from a file.
 
-    ``.txt``: one text per line. ``.tsv``/``.csv``/``.jsonl``: the ``column`` (header name or 0-based index),
-    else the text columns named in the header (``sentence``, ``text``, ``sentence1`` + ``sentence2``,
-    ``question``, ...), else column 0. Whatever the choice, a column that does not hold text (an index,
-    labels, scores) is refused rather than silently calibrating on numbers.
+    ``.txt``: one text per line. ``.tsv``/``.csv``/``.jsonl``: the ``column`` (header name or 0-based index;
+    several joined by commas), else the text columns named in the header (``sentence``, ``text``,
+    ``sentence1`` + ``sentence2``, ``question``, ...), else column 0 (:meth:`Table.pick`). Whatever the
+    choice, a column that does not hold text (an index, labels, scores) is refused rather than silently
+    calibrating on numbers. The texts of a row stay together (a pair is not split by ``limit``).
     """
     path = Path(path)
     if not path.is_file():
         raise AppError(f"--calib-data {path} does not exist")
     used: list[str] = []
-    if path.suffix.lower() in (".jsonl", ".json", ".tsv", ".csv"):
-        header, rows = _calib_table(path)
-        idx = _calib_columns(path, header, rows, column)
-        used = [header[i] if header is not None and i < len(header) else str(i) for i in idx]
-        columns = [[r[i] if i < len(r) else "" for r in rows] for i in idx]
-        for i, values, name in zip(idx, columns, used):
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        table = read_table(path, "--calib-data")
+        used = table.pick(column, "--calib-text-column")
+        columns = [table.columns[name] for name in used]
+        for name, values in zip(used, columns):
             if not _looks_like_text(values):
                 examples = ", ".join(repr(v) for v in values[:3])
-                guess = [
-                    str(j) for j in range(max((len(r) for r in rows), default=0))
-                    if _looks_like_sentences([r[j] if j < len(r) else "" for r in rows])
-                ]  # fmt: skip
+                guess = [str(j) for j, n in enumerate(table.names) if _looks_like_sentences(table.columns[n])]
                 raise AppError(
-                    f"--calib-data {path}: column {name!r} (index {i}) does not hold text ({examples}, ...)",
+                    f"--calib-data {path}: column {name!r} (index {table.names.index(name)}) does not hold text "
+                    f"({examples}, ...)",
                     hint="name the text column with --calib-text-column"
                     + (f" (text-like columns: {', '.join(guess)})" if guess else "")
                     + "; a header line naming a `sentence` or `text` column is picked up by itself.",
