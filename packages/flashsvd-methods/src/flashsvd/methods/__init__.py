@@ -43,6 +43,7 @@ from flashsvd.methods.ranks import (
     uniform_keep_ratio,
 )
 from flashsvd.methods.registry import METHODS, MethodSpec, get_method, register_method
+from flashsvd.methods.reproducible import ReproducibleSum
 from flashsvd.methods.sensitivity import loss_curve
 from flashsvd.methods.sequential import calibrate_blockwise
 
@@ -57,6 +58,7 @@ __all__ = [
     "InvalidRankError",
     "LayerShape",
     "LayerStatistics",
+    "ReproducibleSum",
     "METHODS",
     "MethodSpec",
     "NonFiniteStatisticsError",

@@ -25,6 +25,8 @@ Memory: two float64 limbs and an int8 bin per element (2.1× a plain float64 sum
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +47,45 @@ def _pow2(k: torch.Tensor) -> torch.Tensor:
 
 
 def _bin_of(term: torch.Tensor) -> torch.Tensor:
-    """The bin holding each element's leading bit (zeros and tiny values: the lowest bin), as int8."""
-    _, exp = torch.frexp(term)  # term = m · 2**exp, 0.5 <= |m| < 1: leading bit 2**(exp-1)
-    b = torch.div(exp - 1, BIN_BITS, rounding_mode="floor").clamp_(_BIN_MIN, _BIN_MAX)
-    return b.masked_fill_(term == 0, _BIN_MIN).to(torch.int8)
+    """The bin holding each element's leading bit, read from the exponent bits (zeros, subnormals: lowest)."""
+    biased = (term.view(torch.int64) >> 52) & 0x7FF  # leading bit 2**(biased - 1023) for normal numbers
+    b = torch.div(biased - 1023, BIN_BITS, rounding_mode="floor").clamp(_BIN_MIN, _BIN_MAX)
+    return torch.where(biased == 0, _BIN_MIN, b)
+
+
+def _add_into(term: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, b: torch.Tensor) -> None:
+    """One term into the limbs, in place: align the bins to the term's, split it at the bin edges, add.
+
+    Written as elementwise tensor ops only, so ``torch.compile`` fuses it into one kernel on CUDA (each
+    op alone is a full pass over the matrix: eagerly, ~30 passes per batch cost as much as the Gram).
+    """
+    old = b.to(torch.int64)
+    new = torch.maximum(old, _bin_of(term))
+    step = new - old  # raising the top bin by one moves hi into lo; by two or more clears both
+    lo.copy_(torch.where(step == 0, lo, torch.where(step == 1, hi, 0.0)))
+    hi.copy_(torch.where(step == 0, hi, 0.0))
+    b.copy_(new)
+    e = new * BIN_BITS
+    top = torch.trunc(term * _pow2(-e)) * _pow2(e)  # the digit in the top bin
+    rest = term - top  # exact: ``top`` is ``term`` cut at a bin edge
+    hi.add_(top)
+    lo.add_(torch.trunc(rest * _pow2(BIN_BITS - e)) * _pow2(e - BIN_BITS))
+
+
+_FUSED: dict[str, Callable[..., None] | None] = {}
+
+
+def _fused_add_into() -> Callable[..., None] | None:
+    """``_add_into`` compiled once (CUDA only); ``None`` where compiling is not possible here."""
+    if "fn" not in _FUSED:
+        try:
+            _FUSED["fn"] = torch.compile(_add_into, dynamic=True, fullgraph=True)
+        except Exception as err:  # pragma: no cover - a torch without a working compiler
+            warnings.warn(
+                f"torch.compile is unavailable ({err}); reproducible sums run unfused.", stacklevel=3
+            )
+            _FUSED["fn"] = None
+    return _FUSED["fn"]
 
 
 @dataclass
@@ -102,31 +139,31 @@ class ReproducibleSum:
                     "batches (the order-independent sum is exact up to that many)."
                 )
             self.n_terms += 1
-        term = term.to(torch.float64)
+        term = term.to(torch.float64).contiguous()
         hi, lo, b = (
             (self.hi, self.lo, self.bin) if rows is None else (self.hi[rows], self.lo[rows], self.bin[rows])
         )
         if term.shape != hi.shape:
             raise ValueError(f"term of shape {tuple(term.shape)} added to a sum of shape {tuple(hi.shape)}.")
-        self._align(hi, lo, b, torch.maximum(b, _bin_of(term)))
-        e = b.to(torch.int64) * BIN_BITS
-        top = torch.trunc(term * _pow2(-e)) * _pow2(e)  # the digit in the top bin
-        rest = term - top  # exact: ``top`` is ``term`` cut at a bin edge
-        hi.add_(top)
-        lo.add_(torch.trunc(rest * _pow2(BIN_BITS - e)) * _pow2(e - BIN_BITS))
+        fused = _fused_add_into() if term.is_cuda else None
+        if fused is not None:
+            try:
+                fused(term, hi, lo, b)
+                return self
+            except Exception as err:  # pragma: no cover - a compiler failure on this machine
+                _FUSED["fn"] = None
+                warnings.warn(
+                    f"compiling the reproducible sum failed ({err}); running it unfused.", stacklevel=2
+                )
+        _add_into(term, hi, lo, b)
         return self
-
-    @staticmethod
-    def _align(hi: torch.Tensor, lo: torch.Tensor, b: torch.Tensor, new: torch.Tensor) -> None:
-        """Raise the top bins to ``new`` (>= ``b``): limbs move down one bin per step, the lowest is dropped."""
-        step = new.to(torch.int16) - b.to(torch.int16)
-        lo.copy_(torch.where(step == 0, lo, torch.where(step == 1, hi, 0.0)))
-        hi.masked_fill_(step != 0, 0.0)
-        b.copy_(new)
 
     def align_(self, new_bin: torch.Tensor) -> ReproducibleSum:
         """Express the sum on the bins ``new_bin`` (elementwise >= ``bin``; the all-reduce's MAX)."""
-        self._align(self.hi, self.lo, self.bin, new_bin.to(device=self.bin.device, dtype=torch.int8))
+        step = new_bin.to(device=self.bin.device, dtype=torch.int64) - self.bin.to(torch.int64)
+        self.lo.copy_(torch.where(step == 0, self.lo, torch.where(step == 1, self.hi, 0.0)))
+        self.hi.masked_fill_(step != 0, 0.0)
+        self.bin.copy_(new_bin)
         return self
 
     def value(self) -> torch.Tensor:
