@@ -43,8 +43,13 @@ def _compress(case: str) -> dict[str, torch.Tensor]:
 
 
 def _torchrun(case: str, nproc: int, out: Path) -> list[dict[str, torch.Tensor]]:
-    env = dict(os.environ, FLASHSVD_DIST_TIMEOUT="120", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               MKL_CBWR="COMPATIBLE")  # MKL on CPU: results independent of buffer alignment
+    env = dict(
+        os.environ,
+        FLASHSVD_DIST_TIMEOUT="120",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        MKL_CBWR="COMPATIBLE",
+    )  # MKL on CPU: results independent of buffer alignment
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            __file__, case, str(out)]  # fmt: skip
