@@ -174,6 +174,41 @@ def test_distillation_from_a_teacher(cli, tiny_llama_ckpt, lm_files, tmp_path):
     assert r["first_loss"] < 1e-3  # the teacher is the model itself: nothing to learn at first
 
 
+def test_teacher_samples_join_the_training_data(cli, tiny_llama_ckpt, lm_files, tmp_path):
+    """``--teacher-samples N``: N more training blocks written by the teacher, recorded in results.json."""
+    base = _run(cli, tiny_llama_ckpt, lm_files, tmp_path / "base", "--teacher", tiny_llama_ckpt,
+                "--max-steps", "1", "--json")  # fmt: skip
+    assert base.exit_code == 0, base.output
+    out = tmp_path / "rec_samples"
+    res = _run(cli, tiny_llama_ckpt, lm_files, out, "--teacher", tiny_llama_ckpt, "--teacher-samples", "6",
+               "--max-steps", "2", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r, b = json.loads(res.stdout), json.loads(base.stdout)
+    assert (
+        r["teacher_blocks"] == 6 and r["train_blocks"] == b["train_blocks"] + 6 and b["teacher_blocks"] == 0
+    )
+    refused = _run(cli, tiny_llama_ckpt, lm_files, tmp_path / "no_teacher", "--teacher-samples", "2")
+    assert refused.exit_code != 0 and "--teacher" in refused.output
+
+
+def test_teacher_blocks_continue_the_prompts_and_follow_the_seed():
+    import transformers as T
+
+    from flashsvd.app.lm_training import TEACHER_PROMPT_TOKENS, PackedBlocks, teacher_blocks
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                        vocab_size=50, max_position_embeddings=64, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    teacher = T.LlamaForCausalLM(cfg).eval()
+    data = PackedBlocks(torch.randint(2, 50, (5 * 16,)), 16)
+    a = teacher_blocks(teacher, data, 7, device="cpu", seed=3, batch_size=4)
+    b = teacher_blocks(teacher, data, 7, device="cpu", seed=3, batch_size=4)
+    c = teacher_blocks(teacher, data, 7, device="cpu", seed=4, batch_size=4)
+    assert a.shape == (7, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    starts = {tuple(row[:TEACHER_PROMPT_TOKENS].tolist()) for row in data.data}
+    assert all(tuple(row[:TEACHER_PROMPT_TOKENS].tolist()) in starts for row in a)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_data_parallel_and_write_once(tiny_llama_ckpt, lm_files, tmp_path):
     """``torchrun --nproc-per-node 2 -m flashsvd.app finetune --task lm`` (gloo on CPU): Trainer splits the
