@@ -63,9 +63,13 @@ GROUPS = [
 ]
 
 
+#: bytes all-reduced per statistic element: a ReproducibleSum's two float64 limbs and its int8 bin
+BYTES_PER_ELEMENT = 17
+
+
 def gram_bytes(group: list[Matrix]) -> int:
-    """float64 bytes all-reduced for a group: a Gram (and, paired, a cross matrix) per hooked matrix."""
-    return sum(m.inp**2 * 8 * (2 if PAIRED else 1) for m in group)
+    """Bytes all-reduced for a group: a Gram (and, paired, a cross matrix) per hooked matrix."""
+    return sum(m.inp**2 * BYTES_PER_ELEMENT * (2 if PAIRED else 1) for m in group)
 
 
 def block_seconds(n: int, spread: str = "group") -> dict[str, float]:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     per_block_bytes = sum(gram_bytes(g) for g in GROUPS)
     print(
-        f"all-reduced per block: {per_block_bytes / 1e9:.2f} GB (float64 Gram{' + cross' if PAIRED else ''})"
+        f"all-reduced per block: {per_block_bytes / 1e9:.2f} GB (order-independent Gram{' + cross' if PAIRED else ''}: 17 bytes per element)"
     )
     rows = []
     base = None
