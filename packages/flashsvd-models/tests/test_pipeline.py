@@ -38,12 +38,21 @@ def test_recipe_errors_name_the_field(tmp_path):
         Recipe(allocation="magic")
     with pytest.raises(RecipeError, match="output_fisher"):
         Recipe(method="svd", output_fisher=True)
+    with pytest.raises(RecipeError, match="sequential"):  # used to fail deep inside compress()
+        RECIPES["encoder"].with_(sequential=True)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method": "whiten", "rank_multipel": 8}))
     with pytest.raises(RecipeError, match="rank_multipel"):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="neither a file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_sequential_on_the_encoder_default_turns_output_fisher_off(tiny):
+    from flashsvd.models.compress import resolve_recipe
+
+    r, notes = resolve_recipe(tiny("bert"), sequential=True)
+    assert r.sequential and not r.output_fisher and any("output_fisher" in n for n in notes)
 
 
 def test_default_recipe_by_family(tiny):

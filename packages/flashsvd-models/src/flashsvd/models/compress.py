@@ -148,6 +148,12 @@ def resolve_recipe(
         changes["options"] = {**r.options, **opts}
     if sequential is not None:
         changes["sequential"] = bool(sequential)
+        if sequential and r.output_fisher and "output_fisher" not in changes:
+            changes["output_fisher"] = False
+            notes.append(
+                f"sequential calibration collects no gradient statistics: the {r.name} recipe's output_fisher "
+                "is off for this run"
+            )
     return (r.with_(**changes) if changes else r), notes
 
 

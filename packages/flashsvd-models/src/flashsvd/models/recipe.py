@@ -110,6 +110,13 @@ class Recipe:
             )
         if self.output_fisher and self.method != "whiten":
             raise RecipeError(f"recipe {self.name!r}: output_fisher needs method whiten, got {self.method!r}")
+        if self.output_fisher and self.sequential:
+            # the block-by-block pass collects input statistics only; the gradients come from one pass of
+            # the whole dense model, which sequential mode does not run (it failed deep inside before)
+            raise RecipeError(
+                f"recipe {self.name!r}: output_fisher needs the dense model's gradient statistics, which "
+                "sequential calibration does not collect: use sequential: false, or drop output_fisher"
+            )
         for key in ("rank_multiple", "calib_samples", "calib_max_length", "calib_batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,0 +1,68 @@
+"""MiniLM at keep 0.5: recipe variants scored on the even and the odd STS-B pairs separately.
+
+Why: the issue's keep-0.5 target (>= 0.770 zero-shot STS-B) is missed by the default (loss-curve)
+recipe, and the reported score uses every pair of stsb/train.tsv. Variants are *chosen* on the even pairs
+and *confirmed* on the odd ones, so no choice is tuned on the pairs that confirm it. Calibration: 2,048
+SST-2 train sentences, as the benchmark tables. CPU, fp32. Prints one line per variant:
+
+    cd benchmarks/quality && python minilm_split_search.py [VARIANT ...]
+"""
+
+import copy
+import sys
+import time
+
+import minilm as M
+import torch
+from common import sst2_sentences, stsb_pairs
+from scipy.stats import spearmanr
+
+import flashsvd.models as fm
+from flashsvd.models.recipe import RECIPES
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dense, tok = M.load()
+    a, b, s = stsb_pairs()
+    uniq = sorted(set(a) | set(b))
+    idx = {x: i for i, x in enumerate(uniq)}
+    ia = torch.tensor([idx[x] for x in a])
+    ib = torch.tensor([idx[x] for x in b])
+    s = torch.tensor(s)
+
+    def score(model):
+        e = M.embed(model, tok, uniq)
+        cos = torch.nn.functional.cosine_similarity(e[ia], e[ib])
+        return [float(spearmanr(cos[h::2].numpy(), s[h::2].numpy()).statistic) for h in (0, 1)]
+
+    batches = M.padded_batches(tok, sst2_sentences(2048))
+    enc = RECIPES["encoder"]
+    variants = {
+        "default": enc,
+        "uniform": enc.with_(allocation="uniform"),
+        "uniform-noqk": enc.with_(allocation="uniform", keep_dense=()),
+        "svdllm-seq-c": enc.with_(
+            method="svdllm", output_fisher=False, allocation="uniform", sequential=True, update="v"
+        ),
+        "svdllm-seq-c-curve": enc.with_(method="svdllm", output_fisher=False, sequential=True, update="v"),
+        "svdllm-seq-c-uv": enc.with_(
+            method="svdllm", output_fisher=False, allocation="uniform", sequential=True, update="uv"
+        ),
+    }
+    only = sys.argv[1:] or list(variants)
+    print("dense", score(dense), flush=True)
+    for k in only:
+        t0 = time.time()
+        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=0.5, calibration=batches)
+        print(
+            k,
+            f"kept={rep.kept_fraction:.4f}",
+            [round(x, 4) for x in score(m)],
+            f"{time.time() - t0:.0f}s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
