@@ -23,6 +23,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import log, record_variant, sst2_sentences, stsb_pairs
 from scipy.stats import spearmanr
@@ -79,9 +80,14 @@ class STSB:
         self.ib = torch.tensor([self.index[s] for s in b])
 
     def spearman(self, model, tok) -> float:
+        return self.spearman_parts(model, tok, 1)[0]
+
+    def spearman_parts(self, model, tok, parts: int) -> list[float]:
+        """Spearman on every ``parts``-th pair from offset 0, 1, …: disjoint halves choose and confirm."""
         e = embed(model, tok, self.sentences)
-        cos = torch.nn.functional.cosine_similarity(e[self.ia], e[self.ib])
-        return float(spearmanr(cos.numpy(), self.scores).statistic)
+        cos = torch.nn.functional.cosine_similarity(e[self.ia], e[self.ib]).numpy()
+        scores = np.asarray(self.scores)
+        return [float(spearmanr(cos[h::parts], scores[h::parts]).statistic) for h in range(parts)]
 
 
 def calibration_batches(tok, sentences: list[str], max_bs: int = 32) -> list[dict]:

@@ -14,8 +14,7 @@ import time
 
 import minilm as M
 import torch
-from common import sst2_sentences, stsb_pairs
-from scipy.stats import spearmanr
+from common import sst2_sentences
 
 import flashsvd.models as fm
 from flashsvd.models.recipe import RECIPES
@@ -24,17 +23,10 @@ from flashsvd.models.recipe import RECIPES
 def main() -> None:
     torch.manual_seed(0)
     dense, tok = M.load()
-    a, b, s = stsb_pairs()
-    uniq = sorted(set(a) | set(b))
-    idx = {x: i for i, x in enumerate(uniq)}
-    ia = torch.tensor([idx[x] for x in a])
-    ib = torch.tensor([idx[x] for x in b])
-    s = torch.tensor(s)
+    sts = M.STSB(tok)
 
     def score(model):
-        e = M.embed(model, tok, uniq)
-        cos = torch.nn.functional.cosine_similarity(e[ia], e[ib])
-        return [float(spearmanr(cos[h::2].numpy(), s[h::2].numpy()).statistic) for h in (0, 1)]
+        return sts.spearman_parts(model, tok, 2)
 
     batches = M.padded_batches(tok, sst2_sentences(2048))
     enc = RECIPES["encoder"]

@@ -128,13 +128,12 @@ def _text_lines(path: Path) -> list[str]:
 
 
 class PackedBlocks:
-    """Token ids cut into blocks of ``block`` tokens (a ``torch.utils.data.Dataset`` of LM examples)."""
+    """Token ids cut into blocks of ``block`` tokens (a ``torch.utils.data.Dataset`` of LM examples); ``ids``
+    is a flat sequence, or already ``[blocks, block]``."""
 
     def __init__(self, ids: Any, block: int) -> None:
         self.block = block
-        self.data = (
-            ids.reshape(-1, block) if ids.dim() == 2 else ids[: (len(ids) // block) * block].view(-1, block)
-        )
+        self.data = ids if ids.dim() == 2 else ids[: (len(ids) // block) * block].view(-1, block)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

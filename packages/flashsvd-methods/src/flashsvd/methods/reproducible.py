@@ -53,18 +53,23 @@ def _bin_of(term: torch.Tensor) -> torch.Tensor:
     return torch.where(biased == 0, _BIN_MIN, b)
 
 
+def _raise_bins(hi: torch.Tensor, lo: torch.Tensor, b: torch.Tensor, new: torch.Tensor) -> None:
+    """Move the limbs onto the top bins ``new`` (elementwise >= ``b``), in place: raising a bin by one moves
+    ``hi`` into ``lo``; by two or more clears both (their digits fall below the two bins kept)."""
+    step = new.to(torch.int64) - b.to(torch.int64)
+    lo.copy_(torch.where(step == 0, lo, torch.where(step == 1, hi, 0.0)))
+    hi.copy_(torch.where(step == 0, hi, 0.0))
+    b.copy_(new)
+
+
 def _add_into(term: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, b: torch.Tensor) -> None:
     """One term into the limbs, in place: align the bins to the term's, split it at the bin edges, add.
 
     Written as elementwise tensor ops only, so ``torch.compile`` fuses it into one kernel on CUDA (each
     op alone is a full pass over the matrix: eagerly, ~30 passes per batch cost as much as the Gram).
     """
-    old = b.to(torch.int64)
-    new = torch.maximum(old, _bin_of(term))
-    step = new - old  # raising the top bin by one moves hi into lo; by two or more clears both
-    lo.copy_(torch.where(step == 0, lo, torch.where(step == 1, hi, 0.0)))
-    hi.copy_(torch.where(step == 0, hi, 0.0))
-    b.copy_(new)
+    new = torch.maximum(b.to(torch.int64), _bin_of(term))
+    _raise_bins(hi, lo, b, new)
     e = new * BIN_BITS
     top = torch.trunc(term * _pow2(-e)) * _pow2(e)  # the digit in the top bin
     rest = term - top  # exact: ``top`` is ``term`` cut at a bin edge
@@ -160,10 +165,7 @@ class ReproducibleSum:
 
     def align_(self, new_bin: torch.Tensor) -> ReproducibleSum:
         """Express the sum on the bins ``new_bin`` (elementwise >= ``bin``; the all-reduce's MAX)."""
-        step = new_bin.to(device=self.bin.device, dtype=torch.int64) - self.bin.to(torch.int64)
-        self.lo.copy_(torch.where(step == 0, self.lo, torch.where(step == 1, self.hi, 0.0)))
-        self.hi.masked_fill_(step != 0, 0.0)
-        self.bin.copy_(new_bin)
+        _raise_bins(self.hi, self.lo, self.bin, new_bin.to(self.bin.device))
         return self
 
     def value(self) -> torch.Tensor:
