@@ -17,7 +17,9 @@ GPU run (one H200, 15 minutes of training):
         --out benchmarks/results/recovery_h200.csv
 Measured so far: 3.5 and 11 minutes on SST-2 + STS-B text both end at 1.63x the dense perplexity (the
 data is ~700K tokens of short sentences: 36 epochs in 11 minutes). Next: add ``--teacher-samples 4000``
-(2M tokens the dense model writes, 256 sequences per generate call; not yet timed on the H200).
+(2M tokens the dense model writes). Timed on the H200 (2026-11-30): writing them took about 5 minutes at
+256 sequences per generate call (now 1024 per call); that run was cut off by the device budget in its
+training phase, so there is no figure with teacher samples yet.
 CPU smoke check:
     python benchmarks/quality/recovery.py --device cpu --max-steps 2 --eval-tokens 2048 --batch-size 2 \\
         --max-length 128 --out /tmp/recovery_smoke.csv

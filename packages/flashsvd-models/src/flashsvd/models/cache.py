@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from flashsvd.kernels.kv_cache import RankSpaceKVCache
 
-__all__ = ["RankSpaceCacheLayer", "rank_space_layer"]
+__all__ = ["RankSpaceCacheLayer", "past_tokens", "rank_space_layer"]
 
 _FIRST_CAPACITY = 256
 
@@ -34,6 +34,13 @@ class RankSpaceCacheLayer(DynamicLayer):
     ``max_cache_len``: fixed capacity (static, graph-safe) or ``None`` (grows by doubling).
     ``positions`` (``[B, N]`` int64) are the RoPE positions of the cached keys.  The sequence axis
     is dim 1 (HF's dense layers use dim -2), so every method that slices it is overridden.
+
+    Sequence length, two ways: :meth:`past_tokens` is the host-side count (our own code sizes launches
+    and checks windows with it); :meth:`get_seq_length` is what HF reads, and for a static layer it is a
+    0-d device tensor advanced in place, as HF's own ``StaticLayer`` does.  HF builds the causal mask's
+    query offset from it, and only while a CUDA graph is being captured (eagerly a one-token step
+    needs no mask).  A host int there is frozen into the graph: every replay after the first then
+    masked out the newest key (H200, 2026-11-30: graphed decoding left eager at the 2nd replay).
     """
 
     is_compileable = False
@@ -42,6 +49,7 @@ class RankSpaceCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.max_cache_len = max_cache_len
         self.store: RankSpaceKVCache | None = None
+        self.cumulative_length: torch.Tensor | None = None  # static layers: tokens written, on the device
 
     @property
     def static(self) -> bool:
@@ -53,6 +61,8 @@ class RankSpaceCacheLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store = RankSpaceKVCache(B, cap, H, rk, value_states.shape[-1], dtype=key_states.dtype,
                                       device=key_states.device)  # fmt: skip
+        if self.static:
+            self.cumulative_length = torch.zeros((), dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     # HF's DynamicLayer keeps plain attributes; ours are views of the preallocated store.
@@ -93,17 +103,26 @@ class RankSpaceCacheLayer(DynamicLayer):
         if positions is not None:
             positions = positions.to(torch.long).expand(key_states.shape[0], T)
         store.append(key_states, value_states, positions=positions)
+        if self.cumulative_length is not None:
+            self.cumulative_length.add_(T)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
+    def past_tokens(self) -> int:
+        """Cache slots written so far, counted on the host (a launch-size bound; never a device sync)."""
         return 0 if self.store is None else self.store.max_length
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        """HF's sequence length: a 0-d device tensor for a static layer (graph-safe), else an int."""
+        if self.cumulative_length is not None:
+            return self.cumulative_length
+        return self.past_tokens()
 
     def get_mask_sizes(self, query, *args) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of HF's mask: the capacity when static, else past + new tokens."""
         if self.static:
             return self.max_cache_len, 0
         q = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
-        return self.get_seq_length() + q, 0
+        return self.past_tokens() + q, 0
 
     def get_max_length(self) -> int:
         return self.max_cache_len if self.static else -1
@@ -113,6 +132,8 @@ class RankSpaceCacheLayer(DynamicLayer):
     def reset(self) -> None:
         if self.store is not None:
             self.store.reset()
+        if self.cumulative_length is not None:
+            self.cumulative_length.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -120,6 +141,8 @@ class RankSpaceCacheLayer(DynamicLayer):
         if tokens_to_remove == 0 or self.store is None:
             return
         self.store.truncate(self.store.max_length + tokens_to_remove)
+        if self.cumulative_length is not None:
+            self.cumulative_length.fill_(self.store.max_length)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.store is not None:
@@ -174,3 +197,16 @@ def rank_space_layer(cache: Cache, layer_idx: int) -> RankSpaceCacheLayer:
         )
     layers[layer_idx] = RankSpaceCacheLayer(capacity)
     return layers[layer_idx]
+
+
+def past_tokens(cache: Cache, layer_idx: int) -> int:
+    """Tokens already cached in layer ``layer_idx``, as a host int (0 for a layer not created yet).
+
+    Our attention reads this rather than ``get_seq_length``, which is a device tensor for static
+    layers (ours and HF's): turning that into an int would be a device sync, and inside a CUDA-graph
+    capture an error.
+    """
+    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+    if layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], RankSpaceCacheLayer):
+        return layers[layer_idx].past_tokens()
+    return int(cache.get_seq_length(layer_idx))

@@ -20,7 +20,7 @@ from torch import nn
 from flashsvd.kernels.attention import lowrank_attention
 from flashsvd.kernels.attention_decode import lowrank_attention_decode
 from flashsvd.kernels.ffn import FFNFactors, GatedFFNFactors, lowrank_ffn, lowrank_gated_ffn
-from flashsvd.models.cache import rank_space_layer
+from flashsvd.models.cache import past_tokens, rank_space_layer
 from flashsvd.models.lowrank import LowRankLinear
 
 __all__ = [
@@ -225,8 +225,9 @@ class FlashAttention(FlashBlock):
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
         if positions is None:
+            # a static cache's length is a device tensor: added, not read back, so a capture replays right
             start = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            positions = torch.arange(start, start + M, device=hidden_states.device)[None]
+            positions = (torch.arange(M, device=hidden_states.device) + start)[None]
         positions = positions.to(torch.long).expand(B, M)
         key_positions = positions
         decode = self._use_decode_kernel(cache, M, pq)
@@ -299,7 +300,7 @@ class FlashAttention(FlashBlock):
 
     def _too_long_for_window(self, hidden_states: torch.Tensor, kwargs) -> bool:
         cache = hf_cache(kwargs) if self.use_cache else None
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past = past_tokens(cache, self.layer_idx) if cache is not None else 0
         if past + hidden_states.shape[1] <= self.window:
             return False
         if cache is not None:
