@@ -5,7 +5,7 @@ recipe, and the reported score uses every pair of stsb/train.tsv. Variants are *
 and *confirmed* on the odd ones, so no choice is tuned on the pairs that confirm it. Calibration: 2,048
 SST-2 train sentences, as the benchmark tables. CPU, fp32. Prints one line per variant:
 
-    cd benchmarks/quality && python minilm_split_search.py [VARIANT ...]
+    cd benchmarks/quality && python minilm_split_search.py [--keep=0.5] [VARIANT ...]
 """
 
 import copy
@@ -41,15 +41,32 @@ def main() -> None:
         "svdllm-seq-c-uv": enc.with_(
             method="svdllm", output_fisher=False, allocation="uniform", sequential=True, update="uv"
         ),
+        "svdllm-seq-c-asvd": enc.with_(
+            method="svdllm", output_fisher=False, allocation="asvd", sequential=True, update="v"
+        ),
+        "svdllm-seq-c-asvd-uv": enc.with_(
+            method="svdllm", output_fisher=False, allocation="asvd", sequential=True, update="uv"
+        ),
+        "asvd-alloc": enc.with_(allocation="asvd"),
+        "svdllm-seq-c-r1": enc.with_(
+            method="svdllm",
+            output_fisher=False,
+            allocation="uniform",
+            sequential=True,
+            update="v",
+            rank_multiple=1,
+        ),
     }
-    only = sys.argv[1:] or list(variants)
+    args = sys.argv[1:]
+    keep = float(args.pop(0).split("=", 1)[1]) if args and args[0].startswith("--keep=") else 0.5
+    only = args or list(variants)
     print("dense", score(dense), flush=True)
     for k in only:
         t0 = time.time()
-        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=0.5, calibration=batches)
+        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=keep, calibration=batches)
         print(
             k,
-            f"kept={rep.kept_fraction:.4f}",
+            f"keep={keep} kept={rep.kept_fraction:.4f}",
             [round(x, 4) for x in score(m)],
             f"{time.time() - t0:.0f}s",
             flush=True,
