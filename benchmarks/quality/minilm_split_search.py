@@ -5,11 +5,11 @@ recipe, and the reported score uses every pair of stsb/train.tsv. Variants are *
 and *confirmed* on the odd ones, so no choice is tuned on the pairs that confirm it. Calibration: 2,048
 SST-2 train sentences, as the benchmark tables. CPU, fp32. Prints one line per variant:
 
-    cd benchmarks/quality && python minilm_split_search.py [--keep=0.5] [VARIANT ...]
+    cd benchmarks/quality && python minilm_split_search.py [--keep 0.5] [VARIANT ...]
 """
 
+import argparse
 import copy
-import sys
 import time
 
 import minilm as M
@@ -21,6 +21,10 @@ from flashsvd.models.recipe import RECIPES
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("variants", nargs="*")
+    p.add_argument("--keep", type=float, default=0.5)
+    a = p.parse_args()
     torch.manual_seed(0)
     dense, tok = M.load()
     sts = M.STSB(tok)
@@ -57,16 +61,14 @@ def main() -> None:
             rank_multiple=1,
         ),
     }
-    args = sys.argv[1:]
-    keep = float(args.pop(0).split("=", 1)[1]) if args and args[0].startswith("--keep=") else 0.5
-    only = args or list(variants)
+    only = a.variants or list(variants)
     print("dense", score(dense), flush=True)
     for k in only:
         t0 = time.time()
-        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=keep, calibration=batches)
+        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=a.keep, calibration=batches)
         print(
             k,
-            f"keep={keep} kept={rep.kept_fraction:.4f}",
+            f"keep={a.keep} kept={rep.kept_fraction:.4f}",
             [round(x, 4) for x in score(m)],
             f"{time.time() - t0:.0f}s",
             flush=True,

@@ -168,6 +168,11 @@ class RankSpaceCacheLayer(DynamicLayer):
         return self.store.pk.nbytes + self.store.pv.nbytes
 
 
+def _attention_layers(cache: Cache) -> list | None:
+    """The per-layer list of ``cache``'s self-attention part (an encoder-decoder cache holds two caches)."""
+    return getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+
+
 def rank_space_layer(cache: Cache, layer_idx: int) -> RankSpaceCacheLayer:
     """The rank-space layer ``layer_idx`` of ``cache``, installing one in place of an empty HF layer.
 
@@ -175,8 +180,7 @@ def rank_space_layer(cache: Cache, layer_idx: int) -> RankSpaceCacheLayer:
     static one of the same capacity.  Raises ``ValueError`` if the layer already holds dense keys (a
     cache filled by the torch backend cannot be continued on the flash backend: start a new cache).
     """
-    self_cache = getattr(cache, "self_attention_cache", cache)
-    layers = getattr(self_cache, "layers", None)
+    layers = _attention_layers(cache)
     if layers is None:
         raise TypeError(
             f"unsupported cache type {type(cache).__name__}: pass a transformers DynamicCache, StaticCache or None"
@@ -206,7 +210,7 @@ def past_tokens(cache: Cache, layer_idx: int) -> int:
     layers (ours and HF's): turning that into an int would be a device sync, and inside a CUDA-graph
     capture an error.
     """
-    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+    layers = _attention_layers(cache)
     if layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], RankSpaceCacheLayer):
         return layers[layer_idx].past_tokens()
     return int(cache.get_seq_length(layer_idx))
