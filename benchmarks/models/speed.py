@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 FIELDS = ["bench", "variant", "mode", "batch", "seq", "new_tokens", "ranks", "kept_fraction", "latency_ms",
           "prefill_ms", "tokens_per_s", "limit_tokens_per_s", "peak_mb", "transient_mb", "kv_cache_mb",
-          "vs_dense", "vs_torch", "error", "device", "torch", "triton", "transformers", "date"]  # fmt: skip
+          "vs_dense", "vs_torch", "device_mallocs", "error", "device", "torch", "triton", "transformers", "date"]  # fmt: skip
 
 
 def _load(name: str, path: Path):
@@ -292,6 +292,7 @@ def bench_llama(rows, args):
                     "kept_fraction": 1.0 if report is None else round(report.kept_fraction, 4)}  # fmt: skip
             for mode in ("eager", "eager-loop", "graphed"):
                 row = {**base, "mode": mode}
+                mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
                 try:
                     if mode == "eager":
                         prefill = _prefill_ms(model, ids)
@@ -313,6 +314,9 @@ def bench_llama(rows, args):
                     # Weight-bandwidth limit: weights + the (average) cache read once per step.
                     per_step = weight_bytes + 0.5 * kv * (1 + args.prefill / (args.prefill + args.decode))
                     row["limit_tokens_per_s"] = round(B * bandwidth * 1e12 / per_step, 1)
+                    # cudaMalloc calls during the row: a cache that grows by torch.cat can defeat the
+                    # caching allocator (one of the suspects for dense eager decoding's 45 ms per step)
+                    row["device_mallocs"] = torch.cuda.memory_stats().get("num_device_alloc", 0) - mallocs
                 except Exception as exc:
                     traceback.print_exc()
                     row["error"] = _err(exc)

@@ -45,6 +45,41 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def peak_breakdown(snapshot: dict, top: int = 12) -> list[str]:
+    """The allocations alive at the highest point of a CUDA memory trace, grouped by the innermost
+    ``flashsvd``/benchmark frame that made them (lines: GiB, count, frame)."""
+    best, live, total, at_peak = 0, {}, 0, {}
+    for ev in snapshot["device_traces"][torch.cuda.current_device()]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+            total += ev["size"]
+            if total > best:
+                best, at_peak = total, dict(live)
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+
+    def where(frames: list[dict]) -> str:
+        ours = [f for f in frames if "flashsvd" in f["filename"] or "benchmarks" in f["filename"]]
+        f = ours[0] if ours else (frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    title = f"peak of the trace {best / 2**30:.3f} GiB (allocations made while recording)"
+    return grouped_sizes(title, [(size, where(frames)) for size, frames in at_peak.values()], top)
+
+
+def grouped_sizes(title: str, items: list[tuple[int, str]], top: int) -> list[str]:
+    """``title``, then one line per place (GiB, count, place), largest first, at most ``top``."""
+    groups: dict[str, list[int]] = {}
+    for size, place in items:
+        g = groups.setdefault(place, [0, 0])
+        g[0] += size
+        g[1] += 1
+    lines = [title]
+    for place, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {size / 2**30:7.3f} GiB  {n:5d}  {place}")
+    return lines
+
+
 def build(cfg: dict, dtype: torch.dtype, init_device: str = "cpu") -> torch.nn.Module:
     """Random-weight LlamaForCausalLM on the CPU: built on the meta device, filled on ``init_device``.
 
@@ -100,6 +135,9 @@ def main() -> None:
     p.add_argument(
         "--save-factors", type=Path, default=None, help="write the compressed blocks here (rank 0)"
     )
+    p.add_argument("--memory-snapshot", type=Path, default=None,
+                   help="CUDA: record allocations during compression and dump torch's memory snapshot here "
+                   "(a pickle for torch.cuda.memory tools / pytorch.org/memory_viz; a diagnostic, not a checkpoint)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
 
@@ -192,6 +230,9 @@ def run(a: argparse.Namespace) -> None:
                 raise Interrupted
         clock["last"] = now
 
+    snapshot = cuda and a.memory_snapshot is not None and main
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
     t1 = time.perf_counter()
     status = "finished"
     try:
@@ -202,6 +243,12 @@ def run(a: argparse.Namespace) -> None:
     except Interrupted:
         status, kept = f"interrupted after {clock['done']} blocks", ""
     wall = time.perf_counter() - t1
+    if snapshot:
+        snap = torch.cuda.memory._snapshot()
+        print("\n".join(peak_breakdown(snap)), flush=True)
+        a.memory_snapshot.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(a.memory_snapshot))
+        torch.cuda.memory._record_memory_history(enabled=None)
     peaks = all_gather_floats(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
     blocks = rep.calibration.get("blocks", []) if status == "finished" else []
     summary = dict(

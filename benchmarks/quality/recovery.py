@@ -12,14 +12,13 @@ Every step is the project's own code: the model and tokenizer load through ``fla
 of 512, no overlap), training is ``flashsvd.app.lm_training.train_lm`` (what ``flashsvd finetune --task
 lm`` calls). One CSV row per run is appended to ``--out``.
 
-GPU run (one H200, 15 minutes of training):
-    python benchmarks/quality/recovery.py --device cuda --minutes 15 --dense-ppl \\
+GPU run (one H200; the committed figure):
+    python benchmarks/quality/recovery.py --device cuda --minutes 11 --dense-ppl --teacher-samples 4000 \
         --out benchmarks/results/recovery_h200.csv
-Measured so far: 3.5 and 11 minutes on SST-2 + STS-B text both end at 1.63x the dense perplexity (the
-data is ~700K tokens of short sentences: 36 epochs in 11 minutes). Next: add ``--teacher-samples 4000``
-(2M tokens the dense model writes). Timed on the H200 (2026-11-30): writing them took about 5 minutes at
-256 sequences per generate call (now 1024 per call); that run was cut off by the device budget in its
-training phase, so there is no figure with teacher samples yet.
+Measured (``benchmarks/results/recovery_h200.csv``, whole WikiText-2 test): 3.5 and 11 minutes on SST-2 +
+STS-B text alone both end at 1.63x the dense perplexity (the data is ~700K tokens of short sentences: 36
+epochs in 11 minutes). With ``--teacher-samples 4000`` (2M tokens the dense model writes, ~1.5 minutes at
+1024 sequences per generate call) and 11 minutes of training: 79.93 -> 41.48, 1.41x dense (29.51).
 CPU smoke check:
     python benchmarks/quality/recovery.py --device cpu --max-steps 2 --eval-tokens 2048 --batch-size 2 \\
         --max-length 128 --out /tmp/recovery_smoke.csv

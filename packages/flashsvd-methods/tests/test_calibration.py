@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
+import pytest
 import torch
 from torch import nn
 
@@ -140,3 +143,28 @@ def test_blockwise_in_place_advances_the_given_list():
         expected = [blocks[1](blocks[0](x)) for x in keep]
     assert all(torch.allclose(a, b) for a, b in zip(inputs, expected))
     assert results_copy == [["0"], ["1"]]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "all_at_once"])
+def test_replaced_modules_are_released_before_the_next_group(gen, mode):
+    """A group's modules, once ``compress`` swapped them out, are not kept alive by the block loop (their
+    dense weights would otherwise sit on the accelerator beside the next group's statistics)."""
+    blocks, inputs = _setup(gen)
+    alive = []
+
+    def targets(i, blk):
+        return [{f"{i}.a": blk.a}, {f"{i}.b": blk.b}]
+
+    def compress(i, stats):
+        (name,) = stats
+        if name.endswith(".a"):
+            old = blocks[i].a
+            blocks[i].a = nn.Linear(old.in_features, old.out_features)
+            alive.append(weakref.ref(old))
+            del old
+        else:
+            gc.collect()
+            assert alive[-1]() is None, "the replaced module of the previous group is still referenced"
+
+    calibrate_blockwise(blocks, inputs, lambda b, x: b(x), targets, compress, mode=mode)
+    assert len(alive) == 3

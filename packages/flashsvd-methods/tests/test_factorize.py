@@ -337,3 +337,23 @@ def test_whiten_with_singular_gram_is_optimal_and_finite():
     merged = f.merged_weight().to(torch.float64)
     assert torch.isfinite(merged).all()
     assert torch.allclose(x @ merged.T, x @ w.T, atol=1e-8)  # rank 5 reproduces every seen output
+
+
+def test_check_finite_counts_bad_values_and_tolerates_an_overflowing_sum():
+    from flashsvd.methods.errors import NonFiniteStatisticsError
+    from flashsvd.methods.linalg import check_finite
+
+    big = torch.full((3, 4), 1e308, dtype=torch.float64)  # finite, but its sum overflows
+    check_finite(big, "big")
+    check_finite(torch.randn(5, 5, dtype=torch.bfloat16), "bf16")
+    check_finite(torch.arange(6), "ints")
+    check_finite(torch.empty(0, 3), "empty")
+    for bad, count in ((float("nan"), 1), (float("inf"), 1)):
+        t = torch.randn(7, 9)
+        t[2, 3] = bad
+        with pytest.raises(NonFiniteStatisticsError, match=f"contains {count} non-finite"):
+            check_finite(t, "weight")
+    t = big.clone()
+    t[0, 0], t[1, 1] = float("inf"), float("-inf")  # the sum is NaN, the count exact
+    with pytest.raises(NonFiniteStatisticsError, match="contains 2 non-finite"):
+        check_finite(t, "gram")

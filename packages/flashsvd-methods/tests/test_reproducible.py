@@ -112,6 +112,30 @@ def test_layer_statistics_read_and_assign_sums():
         LayerStatistics(6, gramm=torch.eye(6))
 
 
+def test_settle_reads_the_value_out_in_place_and_drops_the_limbs():
+    terms = _terms()
+    acc = _sum(terms)
+    expected = acc.value()
+    hi = acc.hi
+    out = acc.settle_()
+    assert out is hi and torch.equal(out, expected)  # same bits, no new matrix
+    assert acc.lo is None and acc.bin is None and torch.equal(acc.value(), expected)
+    assert acc.settle_() is hi  # idempotent
+    with pytest.raises(FlashSVDMethodError, match="settled"):
+        acc.add_(terms[0])
+    with pytest.raises(FlashSVDMethodError, match="settled"):
+        acc.align_(torch.zeros_like(hi, dtype=torch.int8))
+
+    x = torch.randn(40, 5, dtype=torch.float64)
+    st = LayerStatistics(5)
+    st.update(x[:13])
+    st.update(x[13:])
+    gram, x_sum = st.gram, st.x_sum
+    assert st.settle_() is st
+    assert not any(isinstance(v, ReproducibleSum) for v in st.sums.values())
+    assert torch.equal(st.gram, gram) and torch.equal(st.x_sum, x_sum)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_cuda_sum_equals_the_cpu_sum():

@@ -181,3 +181,23 @@ def test_encoder_default_on_a_classifier_without_labels(tiny):
     _, rep = fm.compress(model, keep_ratio=0.7, calibration=calib("bert"), recipe=RECIPES["encoder"])
     assert rep.calibration["gradients"] == "simcse"
     assert rep.kept_fraction <= 0.7
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_factorization_sees_settled_statistics(tiny, monkeypatch, sequential):
+    """The order-independent sums' limbs (2.1x a Gram) are freed before any factorization starts."""
+    import flashsvd.models.pipeline as pipeline
+    from flashsvd.methods.reproducible import ReproducibleSum
+
+    seen = []
+    real = pipeline.factor_targets
+
+    def spy(model, targets, ranks, method, stats, *args, **kw):
+        seen.append([type(v) for st in (stats or {}).values() for v in st.sums.values()])
+        return real(model, targets, ranks, method, stats, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "factor_targets", spy)
+    recipe = _seq_recipe().with_(sequential=sequential)
+    fm.compress(tiny("llama"), keep_ratio=0.6, calibration=calib("llama"), recipe=recipe)
+    assert seen and all(kinds for kinds in seen)
+    assert not any(k is ReproducibleSum for kinds in seen for k in kinds)

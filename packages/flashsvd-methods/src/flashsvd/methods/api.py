@@ -9,7 +9,7 @@ import torch
 from flashsvd.methods.calibration import LayerStatistics
 from flashsvd.methods.errors import CalibrationMissingError, FlashSVDMethodError, ShapeError
 from flashsvd.methods.factorization import Factorization
-from flashsvd.methods.linalg import check_finite
+from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite
 from flashsvd.methods.ranks import check_rank
 from flashsvd.methods.registry import get_method
 
@@ -75,19 +75,21 @@ def factorize(
         fit_stats = stats.centered()
     u, v, info = spec.fn(w64, rank, stats=fit_stats, n_heads=n_heads, **options)
     result = Factorization(u, v, bias, rank, spec.name, info=info)
-    merged = result.merged_weight()
+    merged = result.merged_weight().to(torch.float64)
     if center:
         b64 = torch.zeros(out_f, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
         shift = w64 @ stats.reference_mean.to(torch.float64) - merged @ stats.mean.to(torch.float64)
         result.bias = (b64.to(shift.device) + shift).to(weight.dtype if bias is None else bias.dtype)
         result.info = dict(info, centered=True)
-    diff = w64 - merged
+    diff = merged.neg_().add_(w64)  # W − Ŵ in the merged matrix's memory: one [out, in] float64 less
+    del merged
     result.error = float(diff.norm() / w64.norm().clamp_min(1e-300))
     if stats is not None and stats.gram is not None:
         g = stats.gram.to(torch.float64)
-        num = float(((diff @ g) * diff).sum().clamp_min(0.0))
-        den = float(((w64 @ g) * w64).sum())
+        num = max(_gram_norm2(diff, g), 0.0)
+        den = _gram_norm2(w64, g)
         result.data_error = (num / den) ** 0.5 if den > 0 else None
+    del diff
     dtype = weight.dtype
     result.u = u.to(dtype)
     result.v = v.to(dtype)
@@ -95,6 +97,17 @@ def factorize(
 
 
 CENTERABLE = ("whiten", "svdllm")
+
+
+def _gram_norm2(a: torch.Tensor, gram: torch.Tensor) -> float:
+    """``Σ ((A G) ∘ A)`` = ``‖A Xᵀ‖²`` for ``G = XᵀX``, by row blocks: the ``[rows, in]`` product stays
+    small (whole, it is one more ``[out, in]`` float64 matrix — 0.34 GiB for a LLaMA-7B ``down_proj``)."""
+    step = max(1, STREAM_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    total = a.new_zeros((), dtype=torch.float64)
+    for lo in range(0, a.shape[0], step):
+        rows = a[lo : lo + step]
+        total += torch.linalg.vecdot(rows @ gram, rows).sum()
+    return float(total)
 
 
 def _has_override(name: str, options: dict[str, Any]) -> bool:

@@ -19,9 +19,20 @@ STREAM_CHUNK_ELEMENTS = 1 << 23  # float64 temporaries of streamed products: 64 
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteStatisticsError` if ``tensor`` holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """Raise :class:`NonFiniteStatisticsError` if ``tensor`` holds NaN or Inf.
+
+    One float64 sum decides (NaN and ±Inf propagate into it; a finite sum means every element is
+    finite), so the check allocates nothing the size of ``tensor`` — ``torch.isfinite`` builds ``|t|``
+    and three boolean masks, 1.2 GiB beside a LLaMA-7B ``down_proj`` Gram. Only a non-finite sum (or one
+    that overflowed) is counted element by element, in blocks.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return
+    flat = tensor.reshape(-1)
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(STREAM_CHUNK_ELEMENTS))
+    if bad:
         raise NonFiniteStatisticsError(
             f"{what} contains {bad} non-finite value(s) (NaN/Inf). Check the calibration inputs "
             "(fp16 overflow? empty batches?) and recollect the statistics in float32/float64."

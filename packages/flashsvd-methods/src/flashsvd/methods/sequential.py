@@ -104,8 +104,10 @@ def calibrate_blockwise(
                 everything = {name: m for g in groups for name, m in g.items()}
                 with StatisticsCollector(everything, scales=scales, input_of=input_of, stats=stats):
                     outs = [run_block(block, inp) for inp in current]
-                for group in groups:
+                del everything
+                for gi, group in enumerate(groups):
                     results.append(compress(i, {name: stats.pop(name) for name in group if name in stats}))
+                    groups[gi] = group = {}  # see the sequential branch
                 current[:] = outs
             else:
                 reference = copy.deepcopy(block) if paired else None
@@ -129,6 +131,9 @@ def calibrate_blockwise(
                             run_block(block, inp)
                     results.append(compress(i, stats))
                     del stats
+                    # drop this group's modules: ``compress`` replaced them, and holding them until the
+                    # block ends keeps their dense weights on the device beside the next groups' work
+                    groups[gi] = group = {}
                 del reference
                 for j, inp in enumerate(current):
                     current[j] = run_block(block, inp)

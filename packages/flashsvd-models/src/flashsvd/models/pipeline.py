@@ -276,7 +276,10 @@ def collect(
                 model.train(was)
             info["gradients"] = kind
             info["gradient_batches"] = len(grad_batches)
-    return all_reduce_statistics(stats, what="calibration statistics")
+    stats = all_reduce_statistics(stats, what="calibration statistics")
+    for st in stats.values():
+        st.settle_()  # values only from here on: half the memory of the running sums
+    return stats
 
 
 # ---- allocation ---------------------------------------------------------------------------------------
@@ -571,6 +574,8 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
 
     def compress_group(k: int, st: dict[str, LayerStatistics]):
         todo = [t for t in by_layer[layers[k]] if t.source in st]
+        for s in st.values():
+            s.settle_()  # after the all-reduce: frees the sums' limbs before the factorization needs room
         with timing.factorization():
             factor_targets(model, todo, ranks, spec.name, st, options, errors, progress)
 
