@@ -101,6 +101,7 @@ def test_layer_statistics_read_and_assign_sums():
     st.update(x[:20])
     st.update(x[20:])
     assert isinstance(st.sums["gram"], ReproducibleSum)
+    assert st.has("gram") and st.has("x_sum") and not st.has("cross")
     # at least BIN_BITS (36) bits of each element's largest term: ~1.5e-11 relative
     assert torch.allclose(st.gram, x.T @ x, rtol=1e-10, atol=0)
     assert torch.allclose(st.x_sum, x.sum(0), rtol=1e-10, atol=1e-12)
@@ -119,7 +120,7 @@ def test_settle_reads_the_value_out_in_place_and_drops_the_limbs():
     hi = acc.hi
     out = acc.settle_()
     assert out is hi and torch.equal(out, expected)  # same bits, no new matrix
-    assert acc.lo is None and acc.bin is None and torch.equal(acc.value(), expected)
+    assert acc.settled and acc.lo is None and acc.bin is None and torch.equal(acc.value(), expected)
     assert acc.settle_() is hi  # idempotent
     with pytest.raises(FlashSVDMethodError, match="settled"):
         acc.add_(terms[0])

@@ -9,7 +9,7 @@ import torch
 from flashsvd.methods.calibration import LayerStatistics
 from flashsvd.methods.errors import CalibrationMissingError, FlashSVDMethodError, ShapeError
 from flashsvd.methods.factorization import Factorization
-from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite
+from flashsvd.methods.linalg import check_finite, rows_per_block
 from flashsvd.methods.ranks import check_rank
 from flashsvd.methods.registry import get_method
 
@@ -84,7 +84,7 @@ def factorize(
     diff = merged.neg_().add_(w64)  # W − Ŵ in the merged matrix's memory: one [out, in] float64 less
     del merged
     result.error = float(diff.norm() / w64.norm().clamp_min(1e-300))
-    if stats is not None and stats.gram is not None:
+    if stats is not None and stats.has("gram"):
         g = stats.gram.to(torch.float64)
         num = max(_gram_norm2(diff, g), 0.0)
         den = _gram_norm2(w64, g)
@@ -102,7 +102,7 @@ CENTERABLE = ("whiten", "svdllm")
 def _gram_norm2(a: torch.Tensor, gram: torch.Tensor) -> float:
     """``Σ ((A G) ∘ A)`` = ``‖A Xᵀ‖²`` for ``G = XᵀX``, by row blocks: the ``[rows, in]`` product stays
     small (whole, it is one more ``[out, in]`` float64 matrix — 0.34 GiB for a LLaMA-7B ``down_proj``)."""
-    step = max(1, STREAM_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    step = rows_per_block(a.shape[1])
     total = a.new_zeros((), dtype=torch.float64)
     for lo in range(0, a.shape[0], step):
         rows = a[lo : lo + step]

@@ -169,7 +169,7 @@ def layer_spectrum(
     from flashsvd.methods.linalg import split_heads, whitening_transform
 
     w = weight.to(torch.float64)
-    if stats is not None and stats.gram is not None:
+    if stats is not None and stats.has("gram"):
         w = whitening_transform(stats.gram, damping=damping).right(w)
     blocks = [w] if n_heads is None else split_heads(w, n_heads)
     return [torch.linalg.svdvals(b) for b in blocks]
@@ -184,7 +184,7 @@ def ars_method(
     **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Factorize at an ARS-chosen rank: whitening if a Gram matrix is available, else SVD."""
-    if stats is not None and stats.gram is not None:
+    if stats is not None and stats.has("gram"):
         u, v, info = whiten_method(weight, rank, stats=stats, n_heads=n_heads, **options)
         return u, v, {**info, "base": "whiten"}
     u, v, info = svd_method(weight, rank, stats=None, n_heads=n_heads)

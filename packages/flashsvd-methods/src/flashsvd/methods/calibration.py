@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from flashsvd.methods.errors import CalibrationMissingError, ShapeError
-from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite
+from flashsvd.methods.linalg import STREAM_CHUNK_ELEMENTS, check_finite, rows_per_block
 from flashsvd.methods.reproducible import ReproducibleSum
 
 InputOf = Callable[[nn.Module, tuple], torch.Tensor]
@@ -135,7 +135,7 @@ class LayerStatistics:
             raise ShapeError(f"input has {n} features, statistics expect {self.in_features}.")
         if gram:  # by row blocks and token blocks: bounded float64 temporaries
             acc = self._accumulator("gram", (n, n), x.device)
-            step = max(1, STREAM_CHUNK_ELEMENTS // n)
+            step = rows_per_block(n)
             # on CUDA the sum's update is one fused kernel, so a row block of 4 chunks costs no extra
             # temporaries and converts ``x`` to float64 a quarter as often; elsewhere its ~10 temporaries
             # are each one row block
@@ -185,28 +185,28 @@ class LayerStatistics:
     # ---- derived quantities -------------------------------------------------------------------
     @property
     def abs_mean(self) -> torch.Tensor | None:
-        if self.abs_sum is None or self.n_tokens == 0:
+        if not self.has("abs_sum") or self.n_tokens == 0:
             return None
         return self.abs_sum / self.n_tokens
 
     @property
     def covariance(self) -> torch.Tensor | None:
         """``XᵀX / n_tokens`` (the Gram normalized per token)."""
-        if self.gram is None or self.n_tokens == 0:
+        if not self.has("gram") or self.n_tokens == 0:
             return None
         return self.gram / self.n_tokens
 
     @property
     def mean(self) -> torch.Tensor | None:
         """Mean input ``x_sum / n_tokens`` (float64), or ``None`` if no Gram was collected."""
-        if self.x_sum is None or self.n_tokens == 0:
+        if not self.has("x_sum") or self.n_tokens == 0:
             return None
         return self.x_sum / self.n_tokens
 
     @property
     def reference_mean(self) -> torch.Tensor | None:
         """Mean of the paired dense-model inputs (sequential mode), else the mean input."""
-        if self.ref_sum is None or self.n_cross_tokens == 0:
+        if not self.has("ref_sum") or self.n_cross_tokens == 0:
             return self.mean
         return self.ref_sum / self.n_cross_tokens
 
@@ -221,8 +221,8 @@ class LayerStatistics:
         gram = self.require("gram", "centering") - self.n_tokens * torch.outer(mu, mu)
         out = replace(self, sums=self.sums)
         out.gram = (gram + gram.T) / 2
-        if self.cross is not None:
-            if self.ref_sum is None:
+        if self.has("cross"):
+            if not self.has("ref_sum"):
                 raise CalibrationMissingError(
                     "centering needs the reference-input sums of the paired statistics; recollect them "
                     "with this version of flashsvd.methods."
@@ -230,6 +230,11 @@ class LayerStatistics:
             mu_ref = self.ref_sum / max(self.n_cross_tokens, 1)
             out.cross = self.cross - self.n_cross_tokens * torch.outer(mu, mu_ref)
         return out
+
+    def has(self, field_name: str) -> bool:
+        """Whether the statistic ``field_name`` was collected, without reading it: reading a running sum
+        builds its float64 value, a new ``[in, in]`` matrix for ``gram`` and ``cross``."""
+        return self.sums.get(field_name) is not None
 
     def require(self, field_name: str, method: str) -> torch.Tensor:
         """The named statistic, checked present and finite, or a clear error naming the method."""

@@ -18,6 +18,12 @@ from flashsvd.methods.errors import NonFiniteStatisticsError, ShapeError
 STREAM_CHUNK_ELEMENTS = 1 << 23  # float64 temporaries of streamed products: 64 MB
 
 
+def rows_per_block(n_cols: int) -> int:
+    """Rows of a streamed ``[rows, n_cols]`` float64 temporary that keep it within
+    :data:`STREAM_CHUNK_ELEMENTS` (at least one)."""
+    return max(1, STREAM_CHUNK_ELEMENTS // max(1, n_cols))
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteStatisticsError` if ``tensor`` holds NaN or Inf.
 
@@ -248,7 +254,7 @@ def projected_lowrank(
         m = m * out_scale.to(torch.float64)[:, None]
     gram = gram.to(torch.float64)
     c = m.new_empty(m.shape[0], m.shape[0])
-    step = max(1, STREAM_CHUNK_ELEMENTS // m.shape[1])  # row blocks: the [rows, in] product stays small
+    step = rows_per_block(m.shape[1])  # row blocks: the [rows, in] product stays small
     for lo in range(0, m.shape[0], step):
         c[lo : lo + step] = (m[lo : lo + step] @ gram) @ m.T
     evals, evecs = torch.linalg.eigh(c)  # reads one triangle; ascending

@@ -137,10 +137,7 @@ class ReproducibleSum:
         ``n_terms`` counts calls that touch the whole sum, or the first row block of it, so a Gram matrix
         added block by block counts one term per batch.
         """
-        if self.lo is None:
-            raise FlashSVDMethodError(
-                "this sum was settled (read out in place by settle_()): start a new one."
-            )
+        self._check_open("start a new one")
         if rows is None or rows.start in (None, 0):
             if self.n_terms >= MAX_TERMS:
                 raise FlashSVDMethodError(
@@ -169,16 +166,22 @@ class ReproducibleSum:
 
     def align_(self, new_bin: torch.Tensor) -> ReproducibleSum:
         """Express the sum on the bins ``new_bin`` (elementwise >= ``bin``; the all-reduce's MAX)."""
-        if self.lo is None or self.bin is None:
-            raise FlashSVDMethodError(
-                "this sum was settled (read out in place by settle_()): it cannot be merged."
-            )
+        self._check_open("it cannot be merged")
         _raise_bins(self.hi, self.lo, self.bin, new_bin.to(self.bin.device))
         return self
 
+    @property
+    def settled(self) -> bool:
+        """Whether :meth:`settle_` consumed the limbs (only the value in ``hi`` is left)."""
+        return self.lo is None or self.bin is None
+
+    def _check_open(self, advice: str) -> None:
+        if self.settled:
+            raise FlashSVDMethodError(f"this sum was settled (read out in place by settle_()): {advice}.")
+
     def value(self) -> torch.Tensor:
         """The float64 sum: ``hi + lo`` rounded once, so equal kept digits give equal bits."""
-        return self.hi if self.lo is None else self.hi + self.lo
+        return self.hi if self.settled else self.hi + self.lo
 
     def settle_(self) -> torch.Tensor:
         """:meth:`value` computed into ``hi`` and the limbs dropped: the same bits without a new matrix.
@@ -187,13 +190,13 @@ class ReproducibleSum:
         value is needed, and the limbs are 2.1× its size — for a LLaMA-7B ``down_proj`` Gram, 2 GB that
         would otherwise sit on the GPU beside the factorization. The sum cannot be added to afterwards.
         """
-        if self.lo is None:
+        if self.settled:
             return self.hi
         self.hi.add_(self.lo)
         self.lo = self.bin = None
         return self.hi
 
     def to(self, device: torch.device | str) -> ReproducibleSum:
-        if self.lo is None or self.bin is None:
+        if self.settled:
             return ReproducibleSum(self.hi.to(device), None, None, self.n_terms)
         return ReproducibleSum(self.hi.to(device), self.lo.to(device), self.bin.to(device), self.n_terms)

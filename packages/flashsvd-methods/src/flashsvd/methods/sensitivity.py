@@ -29,14 +29,14 @@ def loss_curve(
     damping: float = 0.0,
 ) -> torch.Tensor:
     """``curve[r]`` = estimated loss increase at rank ``r`` (``r = 0..max_rank``; per head when ``n_heads``)."""
-    if stats is None or stats.gram is None or stats.n_tokens == 0:
+    if stats is None or not stats.has("gram") or stats.n_tokens == 0:
         raise CalibrationMissingError("loss_curve needs a Gram matrix: run collect_statistics first.")
     cov = stats.gram / stats.n_tokens
     s = whitening_transform(cov, damping=damping)
     w = s.right(weight.to(torch.float64))
     f = None
     if use_gradients:
-        if stats.grad_out_sq is None:
+        if not stats.has("grad_out_sq"):
             raise CalibrationMissingError(
                 "loss_curve(use_gradients=True) needs output gradients: collect_fisher(..., output_grads=True)."
             )

@@ -56,8 +56,8 @@ def whiten_method(
     """
     out_scale = output_fisher_scale(stats) if output_fisher else None
     rows = weight.shape[0] // (n_heads or 1)
-    paired = use_cross and stats is not None and stats.cross is not None
-    if not paired and rows <= weight.shape[1] and stats is not None and stats.gram is not None:
+    paired = use_cross and stats is not None and stats.has("cross")
+    if not paired and rows <= weight.shape[1] and stats is not None and stats.has("gram"):
         # wide (every head's block, o_proj, down_proj): the projection route needs no Cholesky
         gram, _ = checked_gram(stats.gram, damping)
         u, v, _ = factor_heads(weight, rank, out_scale=out_scale, n_heads=n_heads, gram=gram)

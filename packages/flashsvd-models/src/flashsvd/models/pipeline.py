@@ -313,12 +313,10 @@ def allocate(
             st = stats_for(t, stats)
             w, _ = t.weight(model)
             with named(t.name):
-                curves[t.name] = loss_curve(
-                    w.detach(), st, t.n_heads, use_gradients=st.grad_out_sq is not None
-                )
+                curves[t.name] = loss_curve(w.detach(), st, t.n_heads, use_gradients=st.has("grad_out_sq"))
         how["curves"] = (
             "output-Fisher weighted"
-            if any(stats_for(t, stats).grad_out_sq is not None for t in targets)
+            if any(stats_for(t, stats).has("grad_out_sq") for t in targets)
             else "whitened tail energy"
         )
         alloc = allocate_by_curves(shapes, curves, keep_ratio, keep_dense=keep_dense)
