@@ -1,0 +1,192 @@
+"""Where a decode step's and a forward's GPU time goes, and where an eager kernel call's host time goes.
+
+Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same variants.
+
+* ``decode``: LLaMA-7B-shaped (``--llama-layers``, fp16), ``--prefill``-token prompt; per-kernel GPU
+  time of one eager static-cache decode step (``generate_greedy(graph=False)`` with ``--steps + 1`` new
+  tokens minus the same call with 1, divided by ``--steps``), per variant and batch.
+* ``bert``: BERT-base B64 forward at ``--bert-seqs``, per-kernel GPU time of one forward.
+* ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
+  decode kernel (B=1, 8K cache, r=64): host microseconds per call by function.
+
+Prints tables and writes ``profile_step.log`` under ``--out``.  Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", HERE / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_times(fn) -> dict[str, tuple[float, int]]:
+    """``{kernel name: (total device µs, calls)}`` of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name][0] += ev.device_time
+            out[ev.name][1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _table(title: str, times: dict[str, tuple[float, int]], per: float, top: int = 14) -> str:
+    total = sum(t for t, _ in times.values()) / per
+    calls = sum(c for _, c in times.values()) / per
+    lines = [f"{title}: {total:.1f} us GPU, {calls:.0f} kernels"]
+    for name, (t, c) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {t / per:9.1f} us  {c / per:6.1f}x  {name[:110]}")
+    return "\n".join(lines)
+
+
+def _diff(a, b):
+    return {k: (a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0], a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1])
+            for k in a}  # fmt: skip
+
+
+def profile_decode(args, log):
+    import transformers as T
+
+    from flashsvd.models.graphs import generate_greedy
+
+    sp = _speed()
+    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                        num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
+    torch.manual_seed(0)
+    dense = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple):
+        for B in args.batches:
+            ids = torch.randint(0, cfg.vocab_size, (B, args.prefill), device="cuda")
+            generate_greedy(model, ids, 3, graph=False)  # warm-up, autotune
+            many = kernel_times(lambda m=model, i=ids: generate_greedy(m, i, args.steps + 1, graph=False))
+            one = kernel_times(lambda m=model, i=ids: generate_greedy(m, i, 1, graph=False))
+            log(_table(f"decode step {name} B={B}", _diff(many, one), args.steps))
+            t = {}
+            generate_greedy(model, ids, 64, graph=True, timings=t)
+            log(f"  graphed step: {t['decode_ms'] / t['decode_steps'] * 1e3:.1f} us")
+            del ids
+            sp._free()
+    del dense
+    sp._free()
+
+
+def profile_bert(args, log):
+    import transformers as T
+
+    sp = _speed()
+    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
+    for seq in args.bert_seqs:
+        ids = torch.randint(0, cfg.vocab_size, (64, seq), device="cuda")
+        mask = torch.ones_like(ids)
+        for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, fastest=True):
+
+            def fwd(model=model, ids=ids, mask=mask):
+                with torch.no_grad():
+                    for _ in range(3):
+                        model(input_ids=ids, attention_mask=mask)
+
+            fwd()
+            log(_table(f"bert forward {name} seq={seq}", kernel_times(fwd), 3))
+            sp._free()
+
+
+def _host_profile(label, fn, n, log):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+    log(f"{label}: {host:.1f} us host per call (no sync; cProfile below over {n} calls)")
+    log("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
+
+
+def profile_host(args, log):
+    from flashsvd.kernels import lowrank_attention, lowrank_attention_decode
+
+    torch.manual_seed(0)
+    dt, dev = torch.float16, "cuda"
+    B, S, H, r, D = 64, 128, 12, 40, 64
+    pq, pk, pv = (torch.randn(B, S, H, r, device=dev, dtype=dt) for _ in range(3))
+    vq, vk, vv = (torch.randn(H, r, D, device=dev, dtype=dt) / r**0.5 for _ in range(3))
+    bq, bk, bv = (torch.randn(H, D, device=dev, dtype=dt) for _ in range(3))
+    mask = torch.ones(B, S, dtype=torch.bool, device=dev)
+    _host_profile("attention BERT 8192 tok r=40", lambda: lowrank_attention(
+        pq, pk, pv, vq, vk, vv, bq, bk, bv, key_padding_mask=mask), args.host_calls, log)  # fmt: skip
+    N, r = 8192, 64
+    pq1 = torch.randn(1, 1, 32, r, device=dev, dtype=dt)
+    ck, cv = (torch.randn(1, N, 32, r, device=dev, dtype=dt) for _ in range(2))
+    wq, wk, wv = (torch.randn(32, r, 128, device=dev, dtype=dt) / r**0.5 for _ in range(3))
+    lengths = torch.full((1,), N, dtype=torch.int32, device=dev)
+    _host_profile("decode B=1 8K r=64", lambda: lowrank_attention_decode(
+        pq1, (ck, cv), wq, wk, wv, lengths=lengths), args.host_calls, log)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--only", default="host,decode,bert")
+    p.add_argument("--keep", type=float, default=0.75)
+    p.add_argument("--multiple", type=int, default=16)
+    p.add_argument("--llama-layers", type=int, default=4)
+    p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--bert-seqs", type=int, nargs="+", default=[128])
+    p.add_argument("--host-calls", type=int, default=300)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA device", file=sys.stderr)
+        return 2
+    out = Path(args.out) / "profile_step.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        with out.open("a") as fh:
+            fh.write(text + "\n")
+
+    log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
+    jobs = {"host": profile_host, "decode": profile_decode, "bert": profile_bert}
+    for name in args.only.split(","):
+        jobs[name](args, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
