@@ -79,24 +79,47 @@ def _err(exc: BaseException) -> str:
 
 
 # ---- ranks ---------------------------------------------------------------------------------------------
-def aligned_ranks(model, keep: float, multiple: int) -> dict[str, int]:
-    """Uniform keep-``keep`` rank of every target, rounded to the nearest multiple of ``multiple``.
+def aligned_ranks(model, keep: float, multiple: int, kv_rank: int | None = None) -> dict[str, int]:
+    """Keep-``keep`` ranks of every target, rounded to the nearest multiple of ``multiple``.
 
-    A stand-in for the allocator's hardware rounding (issue 14 item 2, branch ``pipeline``): per-head
-    projections use ``keep·d·d_head/(d + d_head)`` per head, plain ones ``keep·m·n/(m + n)``.
+    A stand-in for the allocator's hardware rounding: per-head projections use
+    ``keep·d·d_head/(d + d_head)`` per head, plain ones ``keep·m·n/(m + n)``.  ``kv_rank`` (decoders)
+    fixes the K/V ranks per head (64 of d_head 128 halves the KV cache) and hands the parameters this
+    frees or costs to the plain targets (o and the MLP), so the kept fraction stays ``keep``.
     """
     from flashsvd.models.adapters import get_adapter
 
-    ranks = {}
+    shapes = {}
     for t in get_adapter(model).targets(model):
         w = model.get_submodule(t.source).weight
         out_f, in_f = w.shape
         if t.rows is not None or t.part is not None:
             raise ValueError(f"{t.name}: fused projections are not handled by this benchmark's rank rule")
-        if t.n_heads:
-            out_f //= t.n_heads
-        exact = keep * in_f * out_f / (in_f + out_f)
-        ranks[t.name] = max(multiple, round(exact / multiple) * multiple)
+        shapes[t.name] = (t.role, t.n_heads, in_f, out_f // t.n_heads if t.n_heads else out_f)
+
+    def rank(name, k):
+        _, _, in_f, out_f = shapes[name]
+        exact = k * in_f * out_f / (in_f + out_f)
+        return max(multiple, round(exact / multiple) * multiple)
+
+    def params(name, r):
+        _, heads, in_f, out_f = shapes[name]
+        return r * (in_f * (heads or 1) + (heads or 1) * out_f) if heads else r * (in_f + out_f)
+
+    def dense(name):
+        _, heads, in_f, out_f = shapes[name]
+        return in_f * out_f * (heads or 1)
+
+    ranks = {name: rank(name, keep) for name in shapes}
+    if kv_rank is not None:
+        fixed = {n for n, (role, heads, _, _) in shapes.items() if heads}
+        for n in fixed:
+            if shapes[n][0] in ("k", "v"):
+                ranks[n] = kv_rank
+        left = keep * sum(dense(n) for n in shapes) - sum(params(n, ranks[n]) for n in fixed)
+        free = [n for n in shapes if n not in fixed]
+        k_free = left / sum(dense(n) for n in free)
+        ranks.update({n: rank(n, k_free) for n in free})
     return ranks
 
 
@@ -105,16 +128,17 @@ def _rank_summary(report) -> str:
     return "/".join(map(str, vals))
 
 
-def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False):
+def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False, kv_rank: int | None = None):
     """Yield ``(name, model, report)``: dense, torch backend, flash backend (one compressed copy).
 
     The flash backend runs its default FFN policy (``balanced``); ``fastest`` adds ``flash-fastest``.
+    ``kv_rank``: see :func:`aligned_ranks`.
     """
     import flashsvd.models as fm
 
     yield "dense", dense, None
     model = copy.deepcopy(dense)
-    model, report = fm.compress(model, ranks=aligned_ranks(model, keep, multiple), backend="torch")
+    model, report = fm.compress(model, ranks=aligned_ranks(model, keep, multiple, kv_rank), backend="torch")
     yield "torch", model, report
     fm.set_backend(model, "flash")
     yield "flash", model, report
@@ -238,7 +262,10 @@ def _generate(model, ids, new_tokens):
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
-        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        # Warm-up over every cache length the timed call sees: the first model in the process otherwise
+        # pays one-time per-shape setup at each new length (dense eager decoding measured 45-69 ms per
+        # step before this, 4.3 ms after; suspect: cuDNN attention plans built per KV length)
+        model.generate(ids, **kw)
         _sync()
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)
@@ -280,7 +307,9 @@ def bench_llama(rows, args):
                         num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
     torch.manual_seed(0)
     dense = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    for name, model, report in compressed_variants(dense, args.keep, args.multiple):
+    for name, model, report in compressed_variants(
+        dense, args.keep, args.multiple, kv_rank=args.llama_kv_rank or None
+    ):
         from flashsvd.models.measure import persistent_bytes
 
         # Bytes one decode step must read: every weight but the input embedding table (one row each).
@@ -436,6 +465,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=256)
     p.add_argument("--llama-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--llama-layers", type=int, default=4)
+    p.add_argument("--llama-kv-rank", type=int, default=64,
+                   help="K/V rank per head of the LLaMA model (its d_head is 128); 0: the uniform rule")  # fmt: skip
     p.add_argument("--ffn-ranks", type=int, nargs="+", default=[240, 464])
     p.add_argument("--ffn-rep", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)

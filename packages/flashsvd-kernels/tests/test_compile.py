@@ -12,6 +12,7 @@ from flashsvd.kernels import (
     FFNFactors,
     GatedFFNFactors,
     RankSpaceKVCache,
+    add_layer_norm,
     lowrank_attention,
     lowrank_attention_decode,
     lowrank_ffn,
@@ -38,10 +39,13 @@ def test_compiled_block_matches_eager_fullgraph():
     mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
     mask[1, -3:] = False
 
+    w, b = _rnd(d) + 1.0, _rnd(d)
+
     def block(x):
         pq, pk, pv = (x @ u).view(B, L, 3, H, r).unbind(2)
         a = lowrank_attention(pq, pk, pv, vq, vk, vv, key_padding_mask=mask, backend="triton")
-        return lowrank_ffn(x + a.reshape(B, L, H * D), ffn, "gelu", backend="triton")
+        h = add_layer_norm(a.reshape(B, L, H * D), x, w, b, backend="triton")
+        return lowrank_ffn(h, ffn, "gelu", backend="triton")
 
     x = _rnd(B, L, d, scale=1.0)
     with torch.no_grad():
@@ -92,3 +96,4 @@ def test_ops_are_registered_with_fake_implementations():
             torch.empty(4, 32), None, "gelu", False,
         )  # fmt: skip
         assert y.shape == (9, 32)
+        assert torch.ops.flashsvd.add_norm(x, x, None, None, 1e-5, False).shape == (9, 32)

@@ -118,6 +118,28 @@ def test_flash_model_captures_in_one_cuda_graph(tiny, make_inputs, kind):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_flash_kernels_match_torch_backend_on_cuda(tiny, make_inputs, kind):
+    """On CUDA fp32 every runtime block's Triton kernel (attention, FFN, BERT's fused residual add +
+    LayerNorm, LLaMA's RMSNorm) gives the torch backend's outputs at the valid positions."""
+    from flashsvd.models.runtime import FlashRMSNorm, ResidualNormOutput
+
+    model, _ = fm.compress(tiny(kind).cuda(), keep_ratio=0.6)
+    ids, mask = (t.cuda() for t in make_inputs(kind, seq=16))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)[0]
+    fm.set_backend(model, "flash")
+    norm = FlashRMSNorm if kind == "llama" else ResidualNormOutput
+    assert sum(isinstance(m, norm) for m in model.modules()) >= 2
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask)[0]
+    if got.dim() == 3:
+        got, ref = got[mask.bool()], ref[mask.bool()]
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@gpu
+@needs_cuda
 def test_graphed_static_decoding_matches_eager(tiny, make_inputs):
     model, _ = fm.compress(tiny("llama").cuda(), keep_ratio=0.6, backend="flash")
     ids = make_inputs("llama", seq=9)[0].cuda()

@@ -12,11 +12,16 @@ from flashsvd.kernels.ffn import (
     lowrank_gated_ffn_reference,
 )
 from flashsvd.kernels.kv_cache import RankSpaceKVCache
+from flashsvd.kernels.norm import add_layer_norm, add_layer_norm_reference, rms_norm, rms_norm_reference
 from flashsvd.kernels.rope import apply_rope, rope_cos_sin, rope_table
 
 __all__ = [
     "__version__",
     "RankSpaceKVCache",
+    "add_layer_norm",
+    "add_layer_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "apply_rope",
     "lowrank_attention",
     "lowrank_attention_decode",

@@ -141,9 +141,11 @@ class LowRankLinear(nn.Module):
         if self.per_head:
             heads, r, _ = self.v.shape
             y = torch.einsum("...hr,hrd->...hd", p.unflatten(-1, (heads, r)), self.v).flatten(-2)
-        else:
-            y = p @ self.v
-        return y if self.bias is None else y + self.bias
+            return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return p @ self.v
+        # bias in the GEMM's epilogue (a separate broadcast add costs a full pass over the output)
+        return torch.addmm(self.bias, p.reshape(-1, p.shape[-1]), self.v).view(*p.shape[:-1], self.v.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.project(x))

@@ -20,6 +20,7 @@ from torch import nn
 from flashsvd.kernels.attention import lowrank_attention
 from flashsvd.kernels.attention_decode import lowrank_attention_decode
 from flashsvd.kernels.ffn import FFNFactors, GatedFFNFactors, lowrank_ffn, lowrank_gated_ffn
+from flashsvd.kernels.norm import add_layer_norm, rms_norm
 from flashsvd.models.cache import past_tokens, rank_space_layer
 from flashsvd.models.lowrank import LowRankLinear
 
@@ -80,6 +81,8 @@ def swap_out(root: nn.Module) -> int:
         original = block.original
         for name, child in block.named_children():
             setattr(original, name, child)
+        for name, param in block.named_parameters(recurse=False):  # e.g. FlashRMSNorm's weight
+            setattr(original, name, param)
         original.train(block.training)
         set_module(root, path, original)
     return len(blocks)
@@ -377,14 +380,39 @@ class FlashFFN(FlashBlock):
 
 
 class ResidualNormOutput(FlashBlock):
-    """BERT's ``*Output`` after a fused FFN: ``LayerNorm(dropout(h) + input)`` (its ``dense`` already ran).
+    """BERT's ``*Output``: ``LayerNorm(dropout(dense(h)) + input)``, the add and LayerNorm in one kernel
+    (:func:`flashsvd.kernels.add_layer_norm`).
 
-    Keeps ``dense`` registered (same state dict); the fused :class:`FlashFFN` in the sibling
-    ``intermediate`` slot applied it.
+    ``project=False`` after a fused FFN, whose kernel already applied ``dense`` (kept registered: same
+    state dict).  ``SelfOutput`` (after attention) keeps ``project=True``.
     """
 
+    def __init__(self, original: nn.Module, *, project: bool = True, backend: str = "auto") -> None:
+        super().__init__(original)
+        self.project, self.kernel_backend = project, backend
+
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
+        h = self.dense(hidden_states) if self.project else hidden_states
+        ln = self.LayerNorm
+        return add_layer_norm(
+            self.dropout(h), input_tensor, ln.weight, ln.bias, ln.eps, backend=self.kernel_backend
+        )
+
+
+class FlashRMSNorm(FlashBlock):
+    """HF's RMSNorm (LLaMA, Mistral, Qwen2: ``weight · x / sqrt(mean(x²) + eps)``) as one kernel
+    (:func:`flashsvd.kernels.rms_norm`) instead of HF's five; in a graphed decode step each kernel costs
+    its launch latency.  Registers the original's ``weight`` under the same name (same state dict).
+    """
+
+    def __init__(self, original: nn.Module, *, backend: str = "auto") -> None:
+        super().__init__(original)
+        self.weight = original.weight
+        self.eps = float(getattr(original, "variance_epsilon", getattr(original, "eps", 1e-6)))
+        self.kernel_backend = backend
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.eps, backend=self.kernel_backend)
 
 
 def ffn_activation(name: object) -> str | None:

@@ -3,6 +3,7 @@
 
 The FFN spans two HF modules (``intermediate`` and ``output``); on the flash backend
 ``intermediate`` becomes one fused FFN call and ``output`` only adds dropout, residual and LayerNorm.
+Both ``*Output`` modules run their residual add and LayerNorm as one kernel.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class BertAdapter(Adapter):
                 swap_in(model, f"{p}.attention.self", block)
             else:
                 notes.append(f"layer {i} attention: q/k/v not all low-rank, runs on the torch path")
+            swap_in(
+                model, f"{p}.attention.output", ResidualNormOutput(layer.attention.output, backend=backend)
+            )
             up, down = layer.intermediate.dense, layer.output.dense
             act = ffn_activation(cfg.hidden_act)
             if act and isinstance(up, LowRankLinear) and isinstance(down, LowRankLinear):
@@ -57,9 +61,12 @@ class BertAdapter(Adapter):
                     layer.intermediate, linears={"up": up, "down": down}, activation=act, backend=backend
                 )
                 swap_in(model, f"{p}.intermediate", ffn)
-                swap_in(model, f"{p}.output", ResidualNormOutput(layer.output))
+                swap_in(
+                    model, f"{p}.output", ResidualNormOutput(layer.output, project=False, backend=backend)
+                )
             else:
                 notes.append(
                     f"layer {i} FFN: dense part or activation {cfg.hidden_act!r}, runs on the torch path"
                 )
+                swap_in(model, f"{p}.output", ResidualNormOutput(layer.output, backend=backend))
         return notes

@@ -2,7 +2,8 @@
 
 Layout: ``model.layers[i].self_attn.{q,k,v,o}_proj`` (Q with ``num_attention_heads``, K/V with
 ``num_key_value_heads``), ``model.layers[i].mlp.{gate,up,down}_proj``, rotary tables from
-``model.rotary_emb``.  ``lm_head`` and embeddings stay dense.
+``model.rotary_emb``.  ``lm_head`` and embeddings stay dense.  On the flash backend the RMSNorms
+(each layer's two and the final one) run as one kernel each.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from torch import nn
 
 from flashsvd.models.adapters.base import Adapter, Target, base_prefix
 from flashsvd.models.lowrank import LowRankLinear
-from flashsvd.models.runtime import FlashAttention, FlashFFN, RopeTables, ffn_activation, swap_in
+from flashsvd.models.runtime import (
+    FlashAttention,
+    FlashFFN,
+    FlashRMSNorm,
+    RopeTables,
+    ffn_activation,
+    swap_in,
+)
 
 __all__ = ["LlamaAdapter"]
 
@@ -82,4 +90,13 @@ class LlamaAdapter(Adapter):
                 notes.append(
                     f"layer {i} MLP: dense part or activation {cfg.hidden_act!r}, runs on the torch path"
                 )
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                _swap_rms_norm(model, f"{pre}layers.{i}.{name}", getattr(layer, name), backend)
+        _swap_rms_norm(model, f"{pre}norm", base.norm, backend)
         return notes
+
+
+def _swap_rms_norm(model: nn.Module, path: str, norm: nn.Module, backend: str) -> None:
+    """HF's RMSNorm classes (``LlamaRMSNorm``, ``Qwen2RMSNorm``, …) only; anything else stays."""
+    if type(norm).__name__.endswith("RMSNorm") and isinstance(getattr(norm, "weight", None), nn.Parameter):
+        swap_in(model, path, FlashRMSNorm(norm, backend=backend))

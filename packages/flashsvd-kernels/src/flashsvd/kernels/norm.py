@@ -1,0 +1,173 @@
+"""Residual add + LayerNorm (or RMSNorm) in one pass: ``LayerNorm(x + residual)``, ``RMSNorm(x)``.
+
+Why it exists: after a low-rank projection or a fused FFN, a post-norm encoder block (BERT) ends with
+``LayerNorm(dropout(h) + input)``; PyTorch runs that as two kernels (the add, then LayerNorm), each
+reading and writing the ``[tokens, d]`` activation, and on the H200 the pair costs about 27 µs per call
+at 8,192 × 768 fp16 where one pass over the data needs under 10 µs (``benchmarks/models/profile_step.py``).
+Decoders (LLaMA) normalize with RMSNorm, which HF writes as five elementwise/reduction kernels per call;
+in a graphed decode step of a few tokens each kernel costs its launch latency, not its bytes.
+Here one program normalizes a few rows held in registers; statistics in float32 (as PyTorch's
+LayerNorm), the sum ``x + residual`` is not rounded to the input dtype before normalizing.  The two
+norms are one kernel (``RMS`` constexpr: no mean, no bias).
+
+Inference only: with autograd on (any input requiring grad), :func:`add_layer_norm` runs the PyTorch
+ops instead, so training through a flash-backend block keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from flashsvd.kernels._triton_compat import resolve_backend
+
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "rms_norm", "rms_norm_reference"]
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    X, R, W, B, Y, n_rows, D, s_x, s_r, s_y, eps,
+    HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    c_ok = cols < D
+    ok = (rows < n_rows)[:, None] & c_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * s_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_R:
+        x += tl.load(R + r64 * s_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if RMS:
+        xc = x
+    else:
+        xc = tl.where(ok, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64 * s_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+
+def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: float, rms: bool) -> torch.Tensor:
+    n, d = x2d.shape
+    y = torch.empty_like(x2d)
+    if n == 0:
+        return y
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, min(16, 4096 // block_d))  # a few rows per program: enough work per launch slot
+    dummy = y
+    _add_layer_norm_kernel[(triton.cdiv(n, rows),)](
+        x2d, r2d if r2d is not None else dummy, weight if weight is not None else dummy,
+        bias if bias is not None else dummy, y, n, d, x2d.stride(0),
+        r2d.stride(0) if r2d is not None else 0, y.stride(0), float(eps),
+        HAS_R=r2d is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=4 if rows * block_d <= 4096 else 8,
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("flashsvd::add_norm", mutates_args=())
+def _add_norm_op(
+    x2d: torch.Tensor, r2d: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, rms: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The kernel as a ``torch.library`` op (``torch.compile`` traces through it)."""
+    return _launch(x2d, r2d, weight, bias, eps, rms)
+
+
+@_add_norm_op.register_fake
+def _(x2d, r2d, weight, bias, eps, rms):
+    return torch.empty_like(x2d)
+
+
+def add_layer_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """PyTorch reference: ``layer_norm(x + residual)`` over the last dimension, in ``x``'s dtype."""
+    s = x if residual is None else x + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+def _check(x, residual, weight, bias) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError("x must be a tensor [..., d] with d >= 1")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"residual must match x: got {tuple(residual.shape)} {residual.dtype} for {tuple(x.shape)} {x.dtype}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != x.shape[-1:]:
+            raise ValueError(f"{name} must have shape [{x.shape[-1]}], got {tuple(t.shape)}")
+    devices = {t.device for t in (x, residual, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"inputs are on several devices ({sorted(map(str, devices))}); move them to one")
+
+
+def _dispatch(x, residual, weight, bias, eps, rms, backend, reference):
+    _check(x, residual, weight, bias)
+    tensors = [t for t in (x, residual, weight, bias) if t is not None]
+    chosen = resolve_backend(backend, *tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if chosen == "torch" or needs_grad or x.dtype == torch.float64:
+        return reference()
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    r2d = None
+    if residual is not None:
+        r2d = residual.reshape(-1, shape[-1])
+        if r2d.stride(-1) != 1:
+            r2d = r2d.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if torch.compiler.is_compiling():
+        return _add_norm_op(x2d, r2d, weight, bias, float(eps), rms).view(shape)
+    return _launch(x2d, r2d, weight, bias, eps, rms).view(shape)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``LayerNorm(x + residual)`` over the last dimension (``residual`` may be ``None``).
+
+    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.  With
+    autograd on, the PyTorch ops run (the kernel has no backward).
+    """
+    return _dispatch(x, residual, weight, bias, eps, False, backend,
+                     lambda: add_layer_norm_reference(x, residual, weight, bias, eps))  # fmt: skip
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """PyTorch reference, as HF's ``LlamaRMSNorm``: float32 statistics, ``weight · x̂`` in ``x``'s dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h.to(x.dtype)
+    return h if weight is None else weight * h
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps) · weight`` over the last dimension (LLaMA's RMSNorm), one kernel.
+
+    The kernel multiplies by ``weight`` before rounding to ``x``'s dtype (HF rounds first): results
+    differ from HF by at most one rounding step.  ``backend`` and autograd as :func:`add_layer_norm`.
+    """
+    return _dispatch(x, None, weight, None, eps, True, backend, lambda: rms_norm_reference(x, weight, eps))
