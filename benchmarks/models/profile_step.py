@@ -6,6 +6,10 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
   time of one eager static-cache decode step (``generate_greedy(graph=False)`` with ``--steps + 1`` new
   tokens minus the same call with 1, divided by ``--steps``), per variant and batch.
 * ``bert``: BERT-base B64 forward at ``--bert-seqs``, per-kernel GPU time of one forward.
+* ``decode-kernel``: GPU time (CUDA graph replays) of the decode-attention kernel at LLaMA-7B shapes
+  (32 heads, d_head 128, ``--prefill``-token cache, rank ``--kernel-rank``) for B in ``--batches``:
+  RoPE with explicit key positions (what the runtime passes), RoPE by slot (no positions), no RoPE;
+  and dense SDPA over the same cache length.
 * ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
   decode kernel (B=1, 8K cache, r=64): host microseconds per call by function.
 
@@ -157,6 +161,55 @@ def profile_host(args, log):
         pq1, (ck, cv), wq, wk, wv, lengths=lengths), args.host_calls, log)  # fmt: skip
 
 
+def _graph_ms(fn, reps: int = 50) -> float:
+    from flashsvd.models.graphs import cuda_graph
+
+    replay = cuda_graph(fn)
+    for _ in range(5):
+        replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def profile_decode_kernel(args, log):
+    for B in args.batches:
+        _decode_kernel_point(B, args.prefill, args.kernel_rank, log)
+        torch.cuda.empty_cache()
+
+
+def _decode_kernel_point(B: int, N: int, r: int, log) -> None:
+    import torch.nn.functional as F
+
+    from flashsvd.kernels import lowrank_attention_decode, rope_table
+
+    dt, dev, H, D = torch.float16, "cuda", 32, 128
+    cos, sin = rope_table(N + 64, D, dtype=dt, device=dev)
+    vq, vk, vv = (torch.randn(H, r, D, device=dev, dtype=dt) / r**0.5 for _ in range(3))
+    pq = torch.randn(B, 1, H, r, device=dev, dtype=dt)
+    pk, pv = (torch.randn(B, N, H, r, device=dev, dtype=dt) for _ in range(2))
+    lengths = torch.full((B,), N, dtype=torch.int32, device=dev)
+    kpos = torch.arange(N, device=dev)[None].expand(B, N).contiguous()
+    qpos = torch.full((B, 1), N - 1, device=dev)
+    variants = {
+        "rope, key positions": dict(rope=(cos, sin), positions=qpos, key_positions=kpos),
+        "rope by slot": dict(rope=(cos, sin)),
+        "no rope": {},
+    }
+    for name, kw in variants.items():
+        ms = _graph_ms(
+            lambda kw=kw: lowrank_attention_decode(pq, (pk, pv), vq, vk, vv, lengths=lengths, **kw)
+        )
+        log(f"decode kernel B={B} N={N} r={r} {name}: {ms * 1e3:.1f} us")
+    q = torch.randn(B, H, 1, D, device=dev, dtype=dt)
+    k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt) for _ in range(2))
+    log(f"dense SDPA B={B} N={N}: {_graph_ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3:.1f} us")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".")
@@ -169,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--bert-seqs", type=int, nargs="+", default=[128])
     p.add_argument("--host-calls", type=int, default=300)
+    p.add_argument("--kernel-rank", type=int, default=64)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA device", file=sys.stderr)
@@ -182,7 +236,8 @@ def main(argv=None) -> int:
             fh.write(text + "\n")
 
     log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
-    jobs = {"host": profile_host, "decode": profile_decode, "bert": profile_bert}
+    jobs = {"host": profile_host, "decode": profile_decode, "bert": profile_bert,
+            "decode-kernel": profile_decode_kernel}  # fmt: skip
     for name in args.only.split(","):
         jobs[name](args, log)
     return 0

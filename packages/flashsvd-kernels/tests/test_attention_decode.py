@@ -124,6 +124,39 @@ def test_triton_decode_matches_float64_prefill(case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["left-padded", "shuffled", "mixed"])
+def test_triton_decode_rope_key_positions(layout):
+    """Explicit key positions: HF's left padding (``slot - pads``, pads at position 1), positions that
+    follow no slot offset (every tile re-loads its rotation), and one row of each.  The kernel guesses
+    ``slot + offset`` and must equal the float64 reference in every case."""
+    B, L, T, Hq, Hkv, r, D = 2, 100, 2, 4, 2, 8, 32
+    t = factors(B, L, Hq, Hkv, r, D, seed=3)
+    pads = torch.tensor([0, 37])
+    mask = torch.arange(L)[None] >= pads[:, None]
+    kpos = (torch.arange(L)[None] - pads[:, None]).masked_fill(~mask, 1)
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.randperm(L, generator=g)[None].repeat(B, 1)
+    if layout == "shuffled":
+        kpos = shuffled
+    elif layout == "mixed":
+        kpos[1, 60:] = shuffled[1, 60:]
+    qpos = kpos[:, -T:]
+    rope = rope_table(L + 8, D)
+    dev = [x.float().to(DEV) for x in t]
+    out = lowrank_attention_decode(
+        dev[0][:, -T:], (dev[1], dev[2]), *dev[3:], key_padding_mask=mask.to(DEV),
+        rope=tuple(x.to(DEV) for x in rope), positions=qpos.to(DEV), key_positions=kpos.to(DEV),
+        backend="triton",
+    )  # fmt: skip
+    ref = lowrank_attention_decode_reference(
+        t[0][:, -T:], (t[1], t[2]), *t[3:], key_padding_mask=mask, rope=tuple(x.double() for x in rope),
+        positions=qpos, key_positions=kpos,
+    )  # fmt: skip
+    assert torch.isfinite(out).all()
+    assert rel(out.cpu(), ref) <= 1e-4
+
+
+@needs_triton
 def test_triton_decode_masked_cache_row_is_zero():
     B, L, Hq, Hkv, r, D = 2, 20, 2, 2, 4, 16
     t = factors(B, L, Hq, Hkv, r, D, seed=9)
