@@ -64,7 +64,7 @@ def _decode_split_kernel(
     s_pv_b, s_pv_n, s_pv_h, s_pv_r,
     s_vk_h, s_vk_r, s_vk_d, s_bk_h,
     s_mask_b, s_mask_n, s_cos_p, s_cos_d, s_kpos_b, s_kpos_n,
-    HKV, GROUP, T, R, split_len, N_SPLITS, qk_scale, N_ROPE,
+    HKV, GROUP, T, R, split_len, N_SPLITS, qk_scale,
     N_BUCKET,
     rq: tl.constexpr, rk: tl.constexpr, rv: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
     ROWS_P: tl.constexpr, RQ_P: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr, D_P: tl.constexpr,
@@ -115,13 +115,6 @@ def _decode_split_kernel(
         else:
             qpos = q_slot
         qc, qs = atl.load_rope(COS, SIN, qpos, r_ok, half, s_cos_p, s_cos_d, HALF_P)
-        # Key positions usually sit at a fixed offset from their slots (HF's positions under left
-        # padding are ``slot - pads``): guess ``slot + offset`` (the first new token's), so the cos/sin
-        # loads do not wait on the position load; tiles whose valid keys break the guess re-load.
-        if HAS_QPOS:
-            k_off = tl.load(QPOS + b.to(tl.int64) * s_qpos_b) - (length - T)
-        else:
-            k_off = 0
         q1, q2 = atl.rotate(q1, q2, qc, qs)
         q1 = cast(q1 * qk_scale, dt, UPCAST)
         q2 = cast(q2 * qk_scale, dt, UPCAST)
@@ -180,14 +173,10 @@ def _decode_split_kernel(
                 k1 += bk1[None, :]
                 k2 += bk2[None, :]
             if HAS_KPOS:
-                guess = offs_n + k_off
-                in_table = keep_n & (guess >= 0) & (guess < N_ROPE)
-                kc, ks = atl.load_rope(COS, SIN, guess, in_table, half, s_cos_p, s_cos_d, HALF_P)
                 kpos = tl.load(KPOS + b.to(tl.int64) * s_kpos_b + offs_n * s_kpos_n, mask=keep_n, other=0)
-                if tl.sum((keep_n & (kpos != guess)).to(tl.int32), axis=0) > 0:
-                    kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
             else:
-                kc, ks = atl.load_rope(COS, SIN, offs_n, keep_n, half, s_cos_p, s_cos_d, HALF_P)
+                kpos = offs_n
+            kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
             k1, k2 = atl.rotate(k1, k2, kc, ks)
             s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
             s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
@@ -323,7 +312,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         *pk.stride(), *pv.stride(), *vk.stride(), bk.stride(0) if bk is not None else 0,
         *(mask_u8.stride() if mask_u8 is not None else (0, 0)), *(cos.stride() if use_rope else (0, 0)),
         *(k_pos.stride() if k_pos is not None else (0, 0)),
-        Hkv, G, T, R, split_len, n_splits, scale * LOG2E, cos.shape[0] if use_rope else 0,
+        Hkv, G, T, R, split_len, n_splits, scale * LOG2E,
         _bucket(n_hint), rq, rk, rv, D, align,
         **flags,
     )  # fmt: skip
