@@ -127,8 +127,7 @@ def test_triton_decode_matches_float64_prefill(case, dtype):
 @pytest.mark.parametrize("layout", ["left-padded", "shuffled", "mixed"])
 def test_triton_decode_rope_key_positions(layout):
     """Explicit key positions: HF's left padding (``slot - pads``, pads at position 1), positions that
-    follow no slot offset (every tile re-loads its rotation), and one row of each.  The kernel guesses
-    ``slot + offset`` and must equal the float64 reference in every case."""
+    follow no slot offset, and one row of each (tiles of both kinds): the float64 reference in every case."""
     B, L, T, Hq, Hkv, r, D = 2, 100, 2, 4, 2, 8, 32
     t = factors(B, L, Hq, Hkv, r, D, seed=3)
     pads = torch.tensor([0, 37])

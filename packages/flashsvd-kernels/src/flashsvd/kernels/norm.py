@@ -10,8 +10,8 @@ Here one program normalizes a few rows held in registers; statistics in float32 
 LayerNorm), the sum ``x + residual`` is not rounded to the input dtype before normalizing.  The two
 norms are one kernel (``RMS`` constexpr: no mean, no bias).
 
-Inference only: with autograd on (any input requiring grad), :func:`add_layer_norm` runs the PyTorch
-ops instead, so training through a flash-backend block keeps working.
+Inference only: with autograd on (any input requiring grad), both functions run the PyTorch ops
+instead, so training through a flash-backend block keeps working.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["add_layer_norm", "add_layer_norm_reference", "rms_norm", "rms_norm_r
 
 
 @triton.jit
-def _add_layer_norm_kernel(
+def _norm_kernel(
     X, R, W, B, Y, n_rows, D, s_x, s_r, s_y, eps,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -61,7 +61,7 @@ def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: floa
     block_d = triton.next_power_of_2(d)
     rows = max(1, min(16, 4096 // block_d))  # a few rows per program: enough work per launch slot
     dummy = y
-    _add_layer_norm_kernel[(triton.cdiv(n, rows),)](
+    _norm_kernel[(triton.cdiv(n, rows),)](
         x2d, r2d if r2d is not None else dummy, weight if weight is not None else dummy,
         bias if bias is not None else dummy, y, n, d, x2d.stride(0),
         r2d.stride(0) if r2d is not None else 0, y.stride(0), float(eps),
