@@ -61,7 +61,7 @@ def main() -> None:
             rank_multiple=1,
         ),
         # ridge toward isotropic inputs (calibration is SST-2, scoring STS-B: another domain)
-        **{f"damp{d:g}": enc.with_(options={"damping": d}) for d in (0.01, 0.1, 0.3)},
+        **{f"damp{d:g}": enc.with_(options={"damping": d}) for d in (0.01, 0.1, 0.3, 1.0, 3.0)},
     }
     only = a.variants or list(variants)
     print("dense", score(dense), flush=True)
