@@ -32,15 +32,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _speed():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speed", HERE / "speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def kernel_times(fn) -> dict[str, tuple[float, int]]:
     """``{kernel name: (total device µs, calls)}`` of one call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
@@ -72,11 +63,11 @@ def _diff(a, b):
 
 
 def profile_decode(args, log):
+    import speed as sp  # the sibling script: same models, ranks and variants
     import transformers as T
 
     from flashsvd.models.graphs import generate_greedy
 
-    sp = _speed()
     cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                         num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
     torch.manual_seed(0)
@@ -98,9 +89,9 @@ def profile_decode(args, log):
 
 
 def profile_bert(args, log):
+    import speed as sp  # the sibling script: same models, ranks and variants
     import transformers as T
 
-    sp = _speed()
     cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
     torch.manual_seed(0)
     dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
@@ -161,19 +152,13 @@ def profile_host(args, log):
         pq1, (ck, cv), wq, wk, wv, lengths=lengths), args.host_calls, log)  # fmt: skip
 
 
-def _graph_ms(fn, reps: int = 50) -> float:
+def _graph_ms(fn) -> float:
+    """Median ms of replays of ``fn`` captured in a CUDA graph (as ``benchmarks/kernels`` time them)."""
+    from triton.testing import do_bench
+
     from flashsvd.models.graphs import cuda_graph
 
-    replay = cuda_graph(fn)
-    for _ in range(5):
-        replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return do_bench(cuda_graph(fn), warmup=25, rep=100, return_mode="median")
 
 
 def profile_decode_kernel(args, log):

@@ -113,6 +113,12 @@ def _check(x, residual, weight, bias) -> None:
         raise ValueError(f"inputs are on several devices ({sorted(map(str, devices))}); move them to one")
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, d]`` with unit column stride (the kernel's layout; row strides may vary)."""
+    t2d = t.reshape(-1, t.shape[-1])
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
 def _dispatch(x, residual, weight, bias, eps, rms, backend, reference):
     _check(x, residual, weight, bias)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
@@ -121,14 +127,8 @@ def _dispatch(x, residual, weight, bias, eps, rms, backend, reference):
     if chosen == "torch" or needs_grad or x.dtype == torch.float64:
         return reference()
     shape = x.shape
-    x2d = x.reshape(-1, shape[-1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    r2d = None
-    if residual is not None:
-        r2d = residual.reshape(-1, shape[-1])
-        if r2d.stride(-1) != 1:
-            r2d = r2d.contiguous()
+    x2d = _rows(x)
+    r2d = None if residual is None else _rows(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if torch.compiler.is_compiling():

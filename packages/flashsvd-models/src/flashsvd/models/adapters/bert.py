@@ -56,17 +56,18 @@ class BertAdapter(Adapter):
             )
             up, down = layer.intermediate.dense, layer.output.dense
             act = ffn_activation(cfg.hidden_act)
-            if act and isinstance(up, LowRankLinear) and isinstance(down, LowRankLinear):
+            fused = bool(act) and isinstance(up, LowRankLinear) and isinstance(down, LowRankLinear)
+            if fused:
                 ffn = FlashFFN(
                     layer.intermediate, linears={"up": up, "down": down}, activation=act, backend=backend
                 )
                 swap_in(model, f"{p}.intermediate", ffn)
-                swap_in(
-                    model, f"{p}.output", ResidualNormOutput(layer.output, project=False, backend=backend)
-                )
             else:
                 notes.append(
                     f"layer {i} FFN: dense part or activation {cfg.hidden_act!r}, runs on the torch path"
                 )
-                swap_in(model, f"{p}.output", ResidualNormOutput(layer.output, backend=backend))
+            # after the fused FFN, ``output.dense`` already ran inside its kernel
+            swap_in(
+                model, f"{p}.output", ResidualNormOutput(layer.output, project=not fused, backend=backend)
+            )
         return notes
