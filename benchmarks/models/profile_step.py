@@ -10,6 +10,10 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
   (32 heads, d_head 128, ``--prefill``-token cache, rank ``--kernel-rank``) for B in ``--batches``:
   RoPE with explicit key positions (what the runtime passes), RoPE by slot (no positions), no RoPE;
   and dense SDPA over the same cache length.
+* ``host-model``: eager BERT-base B64 forward (``--bert-seqs``; dense and flash-fastest) and eager
+  LLaMA decode (flash, B=1, 512-token prompt): host ms per call without a sync, wall ms with one, the
+  host-device syncs one call makes (``torch.cuda.set_sync_debug_mode``, with where they come from),
+  and ``cProfile``'s top functions.
 * ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
   decode kernel (B=1, 8K cache, r=64): host microseconds per call by function.
 
@@ -152,6 +156,104 @@ def profile_host(args, log):
         pq1, (ck, cv), wq, wk, wv, lengths=lengths), args.host_calls, log)  # fmt: skip
 
 
+def _syncs(fn) -> list[str]:
+    """Where ``fn`` synchronizes host and device: one line per distinct call site (file:line of the
+    innermost frame outside torch)."""
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+    old = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "/torch/" not in f.filename and "warnings" not in f.filename
+        ]
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+        sites[f"{str(message)[:60]} @ {where}"] += 1
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old
+    return [f"{n}x {k}" for k, n in sites.most_common()]
+
+
+def _host_model(label, fn, n, log, top=28):
+    """Host ms per call (no sync), wall ms per call (synchronized), syncs per call, cProfile top."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n * 1e3
+    syncs = _syncs(fn)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    log(f"{label}: host {host:.2f} ms/call before its sync, wall {wall:.2f} ms/call; {len(syncs)} sync sites")
+    for line in syncs[:12]:
+        log(f"  sync {line}")
+    log("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:9000])
+
+
+def profile_host_model(args, log):
+    import speed as sp  # the sibling script: same models, ranks and variants
+    import transformers as T
+
+    from flashsvd.models.graphs import generate_greedy
+
+    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
+    for seq in args.bert_seqs:
+        ids = torch.randint(0, cfg.vocab_size, (64, seq), device="cuda")
+        mask = torch.ones_like(ids)
+        for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, fastest=True):
+            if name not in ("dense", "flash-fastest"):
+                continue
+
+            def fwd(model=model, ids=ids, mask=mask):
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+
+            _host_model(f"bert eager {name} seq={seq}", fwd, 10, log)
+    del dense
+    sp._free()
+    lcfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
+    torch.manual_seed(0)
+    dense = T.LlamaForCausalLM(lcfg).to("cuda", torch.float16).eval()
+    ids = torch.randint(0, lcfg.vocab_size, (1, 512), device="cuda")
+    for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, kv_rank=64):
+        if name not in ("dense", "flash"):
+            continue
+        _host_model(
+            f"llama eager generate_greedy 32 tokens {name}",
+            lambda m=model: generate_greedy(m, ids, 32, graph=False),
+            2,
+            log,
+        )
+    del dense
+    sp._free()
+
+
 def _graph_ms(fn) -> float:
     """Median ms of replays of ``fn`` captured in a CUDA graph (as ``benchmarks/kernels`` time them)."""
     from triton.testing import do_bench
@@ -221,7 +323,7 @@ def main(argv=None) -> int:
             fh.write(text + "\n")
 
     log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
-    jobs = {"host": profile_host, "decode": profile_decode, "bert": profile_bert,
+    jobs = {"host": profile_host, "host-model": profile_host_model, "decode": profile_decode, "bert": profile_bert,
             "decode-kernel": profile_decode_kernel}  # fmt: skip
     for name in args.only.split(","):
         jobs[name](args, log)

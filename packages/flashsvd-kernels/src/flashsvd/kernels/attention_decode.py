@@ -50,6 +50,57 @@ _SPLIT_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
 ]
 _SPLIT_ALIGN = 128  # split lengths are multiples of the largest BLOCK_N
+CHECK_N = tl.constexpr(256)  # key positions checked per step of the offset pre-pass
+
+
+@triton.jit
+def _keys_loop(
+    lo, hi, PK_bh, PV_bh, s_pk_n, s_pk_r, s_pv_n, s_pv_r, offs_rk, offs_rv, MASK_b, s_mask_n,
+    q1, q2, qt, vk1, vk2, bk1, bk2, COS, SIN, s_cos_p, s_cos_d, half, KPOS_b, s_kpos_n,
+    r_ok, q_slot, m_i, l_i, acc, k_off, dt: tl.constexpr,
+    rk: tl.constexpr, rv: tl.constexpr, HALF_P: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BK: tl.constexpr,
+    ROPE: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of the group's query rows over cache slots ``[lo, hi)``.
+
+    With ``ROPE`` a key's position is its loaded position (``GATHER``) or ``slot + k_off``.
+    Unused factors (``q1 … bk2`` without RoPE, ``qt`` with it) are placeholders.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep_n = offs_n < hi
+        if HAS_MASK:
+            km = tl.load(MASK_b + offs_n * s_mask_n, mask=keep_n, other=0)
+            keep_n = keep_n & (km != 0)
+        pk = tl.load(
+            PK_bh + offs_n[:, None].to(tl.int64) * s_pk_n + offs_rk[None, :] * s_pk_r,
+            mask=keep_n[:, None] & (offs_rk < rk)[None, :], other=0.0,
+        )  # fmt: skip
+        if ROPE:
+            # Rebuild the K tile once for every query row of the group (tensor-core dot), rotate on chip.
+            k1 = atl.dot(pk, vk1, IEEE, UPCAST)
+            k2 = atl.dot(pk, vk2, IEEE, UPCAST)
+            if HAS_BK:
+                k1 += bk1[None, :]
+                k2 += bk2[None, :]
+            if GATHER:
+                kpos = tl.load(KPOS_b + offs_n * s_kpos_n, mask=keep_n, other=0)
+                kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
+            else:
+                kc, ks = atl.load_rope(COS, SIN, offs_n + k_off, keep_n, half, s_cos_p, s_cos_d, HALF_P)
+            k1, k2 = atl.rotate(k1, k2, kc, ks)
+            s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
+            s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
+        else:
+            s = atl.dot(qt, tl.trans(pk), IEEE, UPCAST)
+        keep = keep_n[None, :] & r_ok[:, None] & (offs_n[None, :] <= q_slot[:, None])
+        p, m_i, l_i, acc = atl.softmax_step(s, keep, m_i, l_i, acc)
+        pv = tl.load(
+            PV_bh + offs_n[:, None].to(tl.int64) * s_pv_n + offs_rv[None, :] * s_pv_r,
+            mask=keep_n[:, None] & (offs_rv < rv)[None, :], other=0.0,
+        )  # fmt: skip
+        acc += atl.dot(cast(p, dt, UPCAST), pv, IEEE, UPCAST)
+    return m_i, l_i, acc
 
 
 @autotune(
@@ -91,8 +142,8 @@ def _decode_split_kernel(
     PQ_rows = PQ + b.to(tl.int64) * s_pq_b + t_r[:, None] * s_pq_t + offs_rq[None, :] * s_pq_r
 
     # Query rows of the whole GQA group, built on chip: rows of head g come from pq[.., h_g, :]·vq[h_g].
+    half = D // 2
     if ROPE:
-        half = D // 2
         offs_hd = tl.arange(0, HALF_P)
         hd_ok = offs_hd < half
         q1 = tl.zeros([ROWS_P, HALF_P], tl.float32)
@@ -125,6 +176,10 @@ def _decode_split_kernel(
         if HAS_BK:
             bk1 = tl.load(BK + hk * s_bk_h + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
             bk2 = tl.load(BK + hk * s_bk_h + half + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
+        else:
+            bk1 = q1  # placeholders: the keys loop reads them only with HAS_BK
+            bk2 = q1
+        qt = q1  # placeholder: the rank-space query is the no-RoPE path's
     else:
         offs_d = tl.arange(0, D_P)
         d_ok = offs_d < D
@@ -146,6 +201,7 @@ def _decode_split_kernel(
             mask=d_ok[:, None] & (offs_rk < rk)[None, :], other=0.0,
         )  # fmt: skip
         qt = cast(atl.dot(cast(q, dt, UPCAST), vk_t, IEEE, UPCAST) * qk_scale, dt, UPCAST)
+        q1, q2, vk1, vk2, bk1, bk2 = qt, qt, qt, qt, qt, qt  # placeholders: read only with RoPE
 
     m_i = tl.full([ROWS_P], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_P], tl.float32)
@@ -155,40 +211,35 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + split_len, length)
     PK_bh = PK + b.to(tl.int64) * s_pk_b + tl.multiple_of(hk * s_pk_h, ALIGN)
     PV_bh = PV + b.to(tl.int64) * s_pv_b + tl.multiple_of(hk * s_pv_h, ALIGN)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep_n = offs_n < hi
-        if HAS_MASK:
-            km = tl.load(MASK + b.to(tl.int64) * s_mask_b + offs_n * s_mask_n, mask=keep_n, other=0)
-            keep_n = keep_n & (km != 0)
-        pk = tl.load(
-            PK_bh + offs_n[:, None].to(tl.int64) * s_pk_n + offs_rk[None, :] * s_pk_r,
-            mask=keep_n[:, None] & (offs_rk < rk)[None, :], other=0.0,
-        )  # fmt: skip
-        if ROPE:
-            # Rebuild the K tile once for every query row of the group (tensor-core dot), rotate on chip.
-            k1 = atl.dot(pk, vk1, IEEE, UPCAST)
-            k2 = atl.dot(pk, vk2, IEEE, UPCAST)
-            if HAS_BK:
-                k1 += bk1[None, :]
-                k2 += bk2[None, :]
-            if HAS_KPOS:
-                kpos = tl.load(KPOS + b.to(tl.int64) * s_kpos_b + offs_n * s_kpos_n, mask=keep_n, other=0)
-            else:
-                kpos = offs_n
-            kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
-            k1, k2 = atl.rotate(k1, k2, kc, ks)
-            s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
-            s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
+    MASK_b = MASK + b.to(tl.int64) * s_mask_b
+    KPOS_b = KPOS + b.to(tl.int64) * s_kpos_b
+    loop = (lo, hi, PK_bh, PV_bh, s_pk_n, s_pk_r, s_pv_n, s_pv_r, offs_rk, offs_rv, MASK_b, s_mask_n,
+            q1, q2, qt, vk1, vk2, bk1, bk2, COS, SIN, s_cos_p, s_cos_d, half, KPOS_b, s_kpos_n,
+            r_ok, q_slot, m_i, l_i, acc)  # fmt: skip
+    if ROPE and HAS_KPOS:
+        # Key positions usually sit at one offset from their slots (HF's positions under left padding
+        # are ``slot - pads``; decoding adds one of each).  Gathering cos/sin through a loaded
+        # position in the tile loop halves its speed, so one cheap pass over this split's positions
+        # checks ``pos == slot + offset`` (the offset of the first query row) on every valid key,
+        # and only a split that breaks it takes the gathering loop.
+        k_off = tl.sum(tl.where(offs_r == 0, qpos - q_slot, 0), axis=0)
+        n_bad = tl.zeros([], tl.int32)
+        for start_c in range(lo, hi, CHECK_N):
+            offs_c = start_c + tl.arange(0, CHECK_N)
+            ok_c = offs_c < hi
+            if HAS_MASK:
+                ok_c = ok_c & (tl.load(MASK_b + offs_c * s_mask_n, mask=ok_c, other=0) != 0)
+            kp = tl.load(KPOS_b + offs_c * s_kpos_n, mask=ok_c, other=0)
+            n_bad += tl.sum((ok_c & (kp != offs_c + k_off)).to(tl.int32), axis=0)
+        if n_bad == 0:
+            m_i, l_i, acc = _keys_loop(*loop, k_off, dt, rk, rv, HALF_P, HAS_MASK, HAS_BK, ROPE, False,
+                                       IEEE, UPCAST, BLOCK_N)  # fmt: skip
         else:
-            s = atl.dot(qt, tl.trans(pk), IEEE, UPCAST)
-        keep = keep_n[None, :] & r_ok[:, None] & (offs_n[None, :] <= q_slot[:, None])
-        p, m_i, l_i, acc = atl.softmax_step(s, keep, m_i, l_i, acc)
-        pv = tl.load(
-            PV_bh + offs_n[:, None].to(tl.int64) * s_pv_n + offs_rv[None, :] * s_pv_r,
-            mask=keep_n[:, None] & (offs_rv < rv)[None, :], other=0.0,
-        )  # fmt: skip
-        acc += atl.dot(cast(p, dt, UPCAST), pv, IEEE, UPCAST)
+            m_i, l_i, acc = _keys_loop(*loop, k_off, dt, rk, rv, HALF_P, HAS_MASK, HAS_BK, ROPE, True,
+                                       IEEE, UPCAST, BLOCK_N)  # fmt: skip
+    else:
+        m_i, l_i, acc = _keys_loop(*loop, 0, dt, rk, rv, HALF_P, HAS_MASK, HAS_BK, ROPE, False,
+                                   IEEE, UPCAST, BLOCK_N)  # fmt: skip
 
     base = (pid_bh * N_SPLITS + split).to(tl.int64) * ROWS_P
     tl.store(MAX + base + offs_r, m_i)
