@@ -10,8 +10,8 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
   (32 heads, d_head 128, ``--prefill``-token cache, rank ``--kernel-rank``) for B in ``--batches``:
   RoPE with explicit key positions (what the runtime passes), RoPE by slot (no positions), no RoPE;
   and dense SDPA over the same cache length.
-* ``host-model``: eager BERT-base B64 forward (``--bert-seqs``; dense and flash-fastest) and eager
-  LLaMA decode (flash, B=1, 512-token prompt): host ms per call without a sync, wall ms with one, the
+* ``host-bert``, ``host-llama``: eager BERT-base B64 forward (``--bert-seqs``; dense and flash-fastest),
+  eager LLaMA ``generate()`` (dense and flash, B=1, ``--prefill``-token prompt, 64 new tokens): host ms per call without a sync, wall ms with one, the
   host-device syncs one call makes (``torch.cuda.set_sync_debug_mode``, with where they come from),
   and ``cProfile``'s top functions.
 * ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
@@ -189,7 +189,7 @@ def _syncs(fn) -> list[str]:
 
 def _host_model(label, fn, n, log, top=28):
     """Host ms per call (no sync), wall ms per call (synchronized), syncs per call, cProfile top."""
-    for _ in range(3):
+    for _ in range(10):  # warm-up: autotuning and the FFN policy's first-call measurements
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -207,17 +207,16 @@ def _host_model(label, fn, n, log, top=28):
     torch.cuda.synchronize()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(top + 12)
     log(f"{label}: host {host:.2f} ms/call before its sync, wall {wall:.2f} ms/call; {len(syncs)} sync sites")
     for line in syncs[:12]:
         log(f"  sync {line}")
-    log("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:9000])
+    log("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:20000])
 
 
-def profile_host_model(args, log):
+def profile_host_bert(args, log):
     import speed as sp  # the sibling script: same models, ranks and variants
     import transformers as T
-
-    from flashsvd.models.graphs import generate_greedy
 
     cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
     torch.manual_seed(0)
@@ -233,23 +232,34 @@ def profile_host_model(args, log):
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
 
-            _host_model(f"bert eager {name} seq={seq}", fwd, 10, log)
+            _host_model(f"bert eager {name} seq={seq}", fwd, 20, log)
     del dense
     sp._free()
+
+
+def profile_host_llama(args, log):
+    import speed as sp  # the sibling script: same models, ranks and variants
+    import transformers as T
+
     lcfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                          num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
     torch.manual_seed(0)
     dense = T.LlamaForCausalLM(lcfg).to("cuda", torch.float16).eval()
-    ids = torch.randint(0, lcfg.vocab_size, (1, 512), device="cuda")
+    ids = torch.randint(0, lcfg.vocab_size, (1, args.prefill), device="cuda")
+    kw = dict(do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=0)
+
+    def gen(model):
+        with torch.no_grad():
+            model.generate(ids, **kw)
+
     for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, kv_rank=64):
-        if name not in ("dense", "flash"):
-            continue
-        _host_model(
-            f"llama eager generate_greedy 32 tokens {name}",
-            lambda m=model: generate_greedy(m, ids, 32, graph=False),
-            2,
-            log,
-        )
+        if name in ("dense", "flash"):
+            _host_model(
+                f"llama eager generate() B=1 {args.prefill}-token prompt, 64 new {name}",
+                lambda m=model: gen(m),
+                2,
+                log,
+            )
     del dense
     sp._free()
 
@@ -264,9 +274,16 @@ def _graph_ms(fn) -> float:
 
 
 def profile_decode_kernel(args, log):
-    for B in args.batches:
-        _decode_kernel_point(B, args.prefill, args.kernel_rank, log)
-        torch.cuda.empty_cache()
+    from flashsvd.kernels import attention_decode
+
+    default = attention_decode.PROGRAMS_PER_SM
+    for per_sm in args.programs_per_sm or [default]:
+        attention_decode.PROGRAMS_PER_SM = per_sm  # how many splits the cache is cut into
+        log(f"# decode kernel with PROGRAMS_PER_SM = {per_sm}")
+        for B in args.batches:
+            _decode_kernel_point(B, args.prefill, args.kernel_rank, log)
+            torch.cuda.empty_cache()
+    attention_decode.PROGRAMS_PER_SM = default
 
 
 def _decode_kernel_point(B: int, N: int, r: int, log) -> None:
@@ -310,6 +327,9 @@ def main(argv=None) -> int:
     p.add_argument("--bert-seqs", type=int, nargs="+", default=[128])
     p.add_argument("--host-calls", type=int, default=300)
     p.add_argument("--kernel-rank", type=int, default=64)
+    p.add_argument(
+        "--programs-per-sm", type=int, nargs="+", help="decode-kernel: split heuristics to compare"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA device", file=sys.stderr)
@@ -323,7 +343,7 @@ def main(argv=None) -> int:
             fh.write(text + "\n")
 
     log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
-    jobs = {"host": profile_host, "host-model": profile_host_model, "decode": profile_decode, "bert": profile_bert,
+    jobs = {"host": profile_host, "host-bert": profile_host_bert, "host-llama": profile_host_llama, "decode": profile_decode, "bert": profile_bert,
             "decode-kernel": profile_decode_kernel}  # fmt: skip
     for name in args.only.split(","):
         jobs[name](args, log)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashsvd.kernels import RankSpaceKVCache
+from flashsvd.kernels import RankSpaceKVCache, kv_cache
+from flashsvd.kernels._triton_compat import interpreter_enabled
 
 
 def test_append_uniform_and_bytes_per_token():
@@ -38,3 +39,35 @@ def test_cache_errors():
         c.append(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2))
     with pytest.raises(ValueError, match="overflow"):
         c.append(torch.randn(1, 3, 1, 2), torch.randn(1, 3, 1, 2))
+
+
+@pytest.mark.skipif(
+    not interpreter_enabled() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_append_writes_what_the_torch_path_writes(monkeypatch, dtype):
+    """Strided new tokens (views of one fused projection), explicit and default positions, a ragged
+    prompt then uniform decode steps: the kernel's buffers equal the PyTorch path's, bit for bit."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    B, H, rk, rv = 3, 2, 5, 3
+    caches = {}
+    for use in (False, True):
+        monkeypatch.setattr(kv_cache, "_use_kernel", lambda t, use=use: use)
+        c = RankSpaceKVCache(B, 12, H, rk, rv, dtype=dtype, device=dev)
+        g = torch.Generator().manual_seed(1)
+        fused = torch.randn(B, 4, H * (rk + rv) + 3, generator=g).to(dev)  # float32: cast on write
+        pk, pv = (
+            fused[..., : H * rk].unflatten(-1, (H, rk)),
+            fused[..., H * rk : H * (rk + rv)].unflatten(-1, (H, rv)),
+        )
+        c.append(pk, pv, valid=torch.tensor([4, 2, 3], device=dev), positions=torch.arange(4, device=dev) + 7)
+        for step in range(3):
+            step_k = torch.randn(B, 1, H, rk, generator=g).to(dev)
+            step_v = torch.randn(B, 1, H, rv, generator=g).to(dev)
+            c.append(step_k, step_v, positions=None if step else torch.full((B, 1), 40 + step, device=dev))
+        caches[use] = c
+    ref, got = caches[False], caches[True]
+    assert torch.equal(got.lengths, ref.lengths) and got.lengths.tolist() == [7, 5, 6]
+    for name in ("pk", "pv", "positions"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, upcast_dot
 
@@ -59,7 +60,7 @@ STORE_H_COST_FLOPS = 1000.0
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_power_of_2(n))
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -69,7 +70,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _token_bucket(n: int) -> int:
     """Power-of-two bucket of the token count: the autotune cache key (tile choice depends on it)."""
-    return min(triton.next_power_of_2(max(n, 1)), 65536)
+    return min(next_power_of_2(max(n, 1)), 65536)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def plan_ffn(ranks_in: tuple[int, ...], r2: int, element_size: int = 2) -> FFNPl
     r2p = _pow2(r2)
     if r2p <= max_chunk:
         return FFNPlan(MODE_FUSED, r2p, 1, block_ka, block_kb)
-    n_chunks = triton.cdiv(r2, max_chunk)
+    n_chunks = cdiv(r2, max_chunk)
     recompute = (n_chunks - 1) * 2.0 * sum(ranks_in)
     if recompute <= STORE_H_COST_FLOPS:
         return FFNPlan(MODE_SPLIT_R2, max_chunk, n_chunks, block_ka, block_kb)
@@ -312,28 +313,35 @@ def _launch(mode, plan, pa, pb, va, vb, ba, bb, u2, v2, b2, out, activation, gat
     if mode == MODE_STORE_H:
 
         def grid(meta):
-            return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(d_ff, meta["BLOCK_F"]))
+            return (cdiv(n_tokens, meta["BLOCK_M"]), cdiv(d_ff, meta["BLOCK_F"]))
 
     else:
         n_chunks = plan.n_chunks
 
         def grid(meta):
-            return (triton.cdiv(n_tokens, meta["BLOCK_M"]), n_chunks)
+            return (cdiv(n_tokens, meta["BLOCK_M"]), n_chunks)
 
-    _lowrank_ffn_kernel[grid](
-        pa, pb if gated else pa, va, vb if gated else va,
-        ba if ba is not None else dummy, bb if bb is not None else dummy,
-        u2, v2, b2 if b2 is not None else dummy, out,
-        n_tokens, _token_bucket(n_tokens), d_ff, va.shape[0],
-        vb.shape[0] if gated else 0, r2, d_out,
-        pa.stride(0), pb.stride(0) if gated else 0, va.stride(0), vb.stride(0) if gated else 0,
-        u2.stride(0), v2.stride(0), out.stride(0),
+    flags = dict(
         ACT=ACTIVATIONS[activation], GATED=gated, MODE=mode,
         HAS_BA=ba is not None, HAS_BB=gated and bb is not None, HAS_B2=b2 is not None,
         BLOCK_KA=plan.block_ka, KA_LOOP=va.shape[0] > plan.block_ka,
         BLOCK_KB=plan.block_kb, KB_LOOP=gated and vb.shape[0] > plan.block_kb,
         R2_CHUNK=max(plan.r2_chunk, 16), BLOCK_D=min(64, _pow2(d_out)),
         UPCAST=upcast_dot(u2.dtype), PRECISION="ieee" if u2.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    t_bucket = _token_bucket(n_tokens)
+    key = (pa.dtype, u2.dtype, t_bucket, d_ff, va.shape[0], vb.shape[0] if gated else 0, r2, d_out,
+           *flags.values())  # fmt: skip
+    launch_tuned(
+        _lowrank_ffn_kernel, key, grid,
+        pa, pb if gated else pa, va, vb if gated else va,
+        ba if ba is not None else dummy, bb if bb is not None else dummy,
+        u2, v2, b2 if b2 is not None else dummy, out,
+        n_tokens, t_bucket, d_ff, va.shape[0],
+        vb.shape[0] if gated else 0, r2, d_out,
+        pa.stride(0), pb.stride(0) if gated else 0, va.stride(0), vb.stride(0) if gated else 0,
+        u2.stride(0), v2.stride(0), out.stride(0),
+        **flags,
     )  # fmt: skip
 
 

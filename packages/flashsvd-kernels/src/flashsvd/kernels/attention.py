@@ -37,8 +37,8 @@ from flashsvd.kernels._attention_checks import (
     check_positions,
     check_rope,
 )
-from flashsvd.kernels._attention_dispatch import launch_tuned
 from flashsvd.kernels._attention_reference import attention_core_reference
+from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, resolve_backend, upcast_dot
 
@@ -48,7 +48,7 @@ LOG2E = 1.4426950408889634
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, next_power_of_2(int(n)))
 
 
 def _align(*ts: torch.Tensor) -> int:
@@ -66,7 +66,7 @@ def _align(*ts: torch.Tensor) -> int:
 
 def _bucket(n: int) -> int:
     """Length bucket for the autotune key: the next power of two (at most 64 distinct values)."""
-    return triton.next_power_of_2(int(n))
+    return next_power_of_2(int(n))
 
 
 _PREFILL_CONFIGS = [
@@ -274,7 +274,7 @@ def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> t
     k_pos = o.k_pos if rope else None
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), B * Hq)
+        return (cdiv(M, meta["BLOCK_M"]), B * Hq)
 
     align = _align(pq, pk, pv)
     flags = dict(

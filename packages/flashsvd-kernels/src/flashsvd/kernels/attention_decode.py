@@ -32,8 +32,8 @@ from flashsvd.kernels._attention_checks import (
     check_positions,
     check_rope,
 )
-from flashsvd.kernels._attention_dispatch import launch_tuned
 from flashsvd.kernels._attention_reference import attention_core_reference
+from flashsvd.kernels._launch import cdiv, launch, launch_tuned
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, interpreter_enabled, resolve_backend, upcast_dot
 from flashsvd.kernels.attention import LOG2E, _align, _bucket, _pow2
@@ -50,7 +50,8 @@ _SPLIT_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
 ]
 _SPLIT_ALIGN = 128  # split lengths are multiples of the largest BLOCK_N
-CHECK_N = tl.constexpr(256)  # key positions checked per step of the offset pre-pass
+CHECK_N = tl.constexpr(256)
+PROGRAMS_PER_SM = 2  # the cache is cut into enough splits for this many programs per SM  # key positions checked per step of the offset pre-pass
 
 
 @triton.jit
@@ -104,7 +105,8 @@ def _keys_loop(
 
 
 @autotune(
-    configs=_SPLIT_CONFIGS, key=["N_BUCKET", "ROWS_P", "RQ_P", "RK_P", "RV_P", "D_P", "ROPE", "HAS_MASK"]
+    configs=_SPLIT_CONFIGS,
+    key=["N_BUCKET", "N_SPLITS", "ROWS_P", "RQ_P", "RK_P", "RV_P", "D_P", "ROPE", "HAS_MASK", "HAS_KPOS"],
 )
 @triton.jit
 def _decode_split_kernel(
@@ -332,10 +334,10 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
     dev = pq.device
     ROWS_P, RV_P = _pow2(R), _pow2(rv)
     n_hint = max(1, min(n_hint, Nmax))
-    want = max(1, (2 * _num_sms(dev)) // (B * Hkv))
-    n_splits = max(1, min(want, triton.cdiv(n_hint, 256)))
-    split_len = triton.cdiv(triton.cdiv(n_hint, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    n_splits = triton.cdiv(n_hint, split_len)
+    want = max(1, (PROGRAMS_PER_SM * _num_sms(dev)) // (B * Hkv))
+    n_splits = max(1, min(want, cdiv(n_hint, 256)))
+    split_len = cdiv(cdiv(n_hint, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    n_splits = cdiv(n_hint, split_len)
     n_state = B * Hkv * n_splits * ROWS_P
     scratch = torch.empty(n_state * (RV_P + 2), dtype=torch.float32, device=dev)
     acc, mx, sm = scratch[: n_state * RV_P], scratch[n_state * RV_P : -n_state], scratch[-n_state:]
@@ -352,7 +354,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         HAS_BQ=bq is not None, HAS_BK=bk is not None, HAS_MASK=mask is not None,
         HAS_QPOS=q_pos is not None, HAS_KPOS=k_pos is not None, ROPE=use_rope, IEEE=IEEE, UPCAST=UPCAST,
     )  # fmt: skip
-    key = (pq.dtype, _bucket(n_hint), rq, rk, rv, D, align, *flags.values())
+    key = (pq.dtype, _bucket(n_hint), n_splits, rq, rk, rv, D, align, *flags.values())
     launch_tuned(
         _decode_split_kernel, key, lambda meta: (n_splits, B * Hkv),
         pq, vq, bq if bq is not None else dummy, q_pos if q_pos is not None else dummy,
@@ -367,7 +369,8 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         _bucket(n_hint), rq, rk, rv, D, align,
         **flags,
     )  # fmt: skip
-    _decode_reduce_kernel[(B * Hkv,)](
+    launch(
+        _decode_reduce_kernel, (B * Hkv,),
         acc, mx, sm, vv, bv if bv is not None else dummy, out,
         *vv.stride(), bv.stride(0) if bv is not None else 0, *out.stride(),
         Hkv, G, T, R, n_splits, rv, D,

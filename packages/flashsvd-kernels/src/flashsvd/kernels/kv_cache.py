@@ -5,6 +5,9 @@ low-rank factors it only needs ``Hkv·(rk + rv)`` (``2·Hkv·r`` for equal ranks
 of the dense bytes.  K and V are rebuilt on chip by :func:`flashsvd.kernels.lowrank_attention_decode`.
 
 One cache per layer; buffers are preallocated (``[B, max_len, Hkv, r]``) so decoding allocates nothing.
+On CUDA an append is one Triton launch (keys, values and positions written at each row's slots) plus
+the length update, not the eight small tensor ops of the PyTorch path: a decode step appends in
+every layer, and each op costs host time in eager and a kernel in a captured step.
 Per-row lengths live on the device (``lengths``, int32 ``[B]``) and appends write at slots computed
 from them on the device, so appends and the decode kernel need no host synchronisation and a decode
 step over the cache can be captured in a CUDA graph and replayed; ``max_length`` is a host-side
@@ -17,8 +20,47 @@ This is the one rank-space cache: ``flashsvd.models``' Hugging Face cache layer 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from flashsvd.kernels._launch import launch, next_power_of_2
 
 __all__ = ["RankSpaceKVCache"]
+
+
+@triton.jit
+def _append_kernel(
+    PK_NEW, PV_NEW, POS, PK, PV, POSITIONS, LENS,
+    s_kn_b, s_kn_t, s_kn_h, s_kn_r, s_vn_b, s_vn_t, s_vn_h, s_vn_r, s_pos_b, s_pos_t,
+    s_k_b, s_k_n, s_k_h, s_k_r, s_v_b, s_v_n, s_v_h, s_v_r, s_p_b, s_p_n,
+    T, RK: tl.constexpr, RV: tl.constexpr, HKV: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_POS: tl.constexpr,
+):  # fmt: skip
+    """Program ``(b, t)``: token ``t`` of row ``b`` goes to slot ``lengths[b] + t``."""
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = pid % T
+    slot = (tl.load(LENS + b) + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < HKV * RK
+    h, r = offs // RK, offs % RK
+    x = tl.load(PK_NEW + b * s_kn_b + t * s_kn_t + h * s_kn_h + r * s_kn_r, mask=ok)
+    tl.store(PK + b * s_k_b + slot * s_k_n + h * s_k_h + r * s_k_r, x.to(PK.dtype.element_ty), mask=ok)
+    offs = tl.arange(0, BLOCK_V)
+    ok = offs < HKV * RV
+    h, r = offs // RV, offs % RV
+    x = tl.load(PV_NEW + b * s_vn_b + t * s_vn_t + h * s_vn_h + r * s_vn_r, mask=ok)
+    tl.store(PV + b * s_v_b + slot * s_v_n + h * s_v_h + r * s_v_r, x.to(PV.dtype.element_ty), mask=ok)
+    if HAS_POS:
+        p = tl.load(POS + b * s_pos_b + t * s_pos_t).to(tl.int64)
+    else:
+        p = slot
+    tl.store(POSITIONS + b * s_p_b + slot * s_p_n, p)
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    """The Triton append on CUDA (outside ``torch.compile``, which traces the tensor ops instead)."""
+    return t.is_cuda and not torch.compiler.is_compiling()
 
 
 class RankSpaceKVCache:
@@ -108,20 +150,12 @@ class RankSpaceKVCache:
         if self.max_length + T > self.max_len:
             raise ValueError(f"cache overflow: {self.max_length} + {T} tokens > max_len {self.max_len}; "
                              "allocate a larger cache")  # fmt: skip
-        step = torch.arange(T, device=self.pk.device)
-        if self._uniform:
-            # Slots from the device-side length (not the host counter): a captured step replays right.
-            slots = self.lengths[0].long() + step
-            self.pk.index_copy_(1, slots, pk_new.to(self.pk.dtype))
-            self.pv.index_copy_(1, slots, pv_new.to(self.pv.dtype))
-            pos = slots.expand(self.batch, T) if positions is None else positions.expand(self.batch, T)
-            self.positions.index_copy_(1, slots, pos.to(torch.long))
+        if positions is not None:
+            positions = positions.expand(self.batch, T)
+        if _use_kernel(pk_new):
+            self._append_kernel(pk_new, pv_new, positions)
         else:
-            slots = self.lengths[:, None].long() + step
-            rows = torch.arange(self.batch, device=self.pk.device)[:, None]
-            self.pk[rows, slots] = pk_new.to(self.pk.dtype)
-            self.pv[rows, slots] = pv_new.to(self.pv.dtype)
-            self.positions[rows, slots] = slots if positions is None else positions.to(torch.long)
+            self._append_torch(pk_new, pv_new, positions)
         self.max_length += T
         if valid is None:
             self.lengths += T
@@ -130,6 +164,36 @@ class RankSpaceKVCache:
                 raise ValueError(f"valid must have shape [{self.batch}], got {tuple(valid.shape)}")
             self.lengths += valid.to(device=self.lengths.device, dtype=torch.int32)
             self._uniform = False
+
+    def _append_kernel(self, pk_new, pv_new, positions) -> None:
+        B, T, H, rk = pk_new.shape
+        rv = pv_new.shape[3]
+        pos = positions if positions is not None else self.lengths
+        launch(
+            _append_kernel, (B * T,),
+            pk_new, pv_new, pos, self.pk, self.pv, self.positions, self.lengths,
+            *pk_new.stride(), *pv_new.stride(), *(positions.stride() if positions is not None else (0, 0)),
+            *self.pk.stride(), *self.pv.stride(), *self.positions.stride(), T,
+            RK=rk, RV=rv, HKV=H, BLOCK_K=next_power_of_2(H * rk), BLOCK_V=next_power_of_2(H * rv),
+            HAS_POS=positions is not None,
+        )  # fmt: skip
+
+    def _append_torch(self, pk_new, pv_new, positions) -> None:
+        T = pk_new.shape[1]
+        step = torch.arange(T, device=self.pk.device)
+        if self._uniform:
+            # Slots from the device-side length (not the host counter): a captured step replays right.
+            slots = self.lengths[0].long() + step
+            self.pk.index_copy_(1, slots, pk_new.to(self.pk.dtype))
+            self.pv.index_copy_(1, slots, pv_new.to(self.pv.dtype))
+            pos = slots.expand(self.batch, T) if positions is None else positions
+            self.positions.index_copy_(1, slots, pos.to(torch.long))
+        else:
+            slots = self.lengths[:, None].long() + step
+            rows = torch.arange(self.batch, device=self.pk.device)[:, None]
+            self.pk[rows, slots] = pk_new.to(self.pk.dtype)
+            self.pv[rows, slots] = pv_new.to(self.pv.dtype)
+            self.positions[rows, slots] = slots if positions is None else positions.to(torch.long)
 
     def grow(self, max_len: int) -> None:
         """Reallocate the buffers to hold ``max_len`` tokens (eager use only: addresses change)."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from flashsvd.kernels._launch import cdiv, launch, next_power_of_2
 from flashsvd.kernels._triton_compat import resolve_backend
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference", "rms_norm", "rms_norm_reference"]
@@ -58,10 +59,11 @@ def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: floa
     y = torch.empty_like(x2d)
     if n == 0:
         return y
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     rows = max(1, min(16, 4096 // block_d))  # a few rows per program: enough work per launch slot
     dummy = y
-    _norm_kernel[(triton.cdiv(n, rows),)](
+    launch(
+        _norm_kernel, (cdiv(n, rows),),
         x2d, r2d if r2d is not None else dummy, weight if weight is not None else dummy,
         bias if bias is not None else dummy, y, n, d, x2d.stride(0),
         r2d.stride(0) if r2d is not None else 0, y.stride(0), float(eps),
