@@ -62,6 +62,17 @@ def main() -> None:
         ),
         # ridge toward isotropic inputs (calibration is SST-2, scoring STS-B: another domain)
         **{f"damp{d:g}": enc.with_(options={"damping": d}) for d in (0.01, 0.1, 0.3, 1.0, 3.0)},
+        **{
+            f"svdllm-seq-c-asvd-damp{d:g}": enc.with_(
+                method="svdllm",
+                output_fisher=False,
+                allocation="asvd",
+                sequential=True,
+                update="v",
+                options={"damping": d},
+            )
+            for d in (0.1, 0.3)
+        },
     }
     only = a.variants or list(variants)
     print("dense", score(dense), flush=True)

@@ -60,6 +60,17 @@ def test_default_recipe_by_family(tiny):
     assert default_recipe(tiny("llama")).name == "decoder"
 
 
+def test_default_recipe_by_budget(tiny):
+    """Encoders below keep 0.6 get the recipe that measured better there; decoders have one default."""
+    bert, llama = tiny("bert"), tiny("llama")
+    assert [default_recipe(bert, k).name for k in (0.5, 0.59, 0.6, 0.75, None)] == [
+        "encoder-lean", "encoder-lean", "encoder", "encoder", "encoder",
+    ]  # fmt: skip
+    assert default_recipe(llama, 0.5).name == "decoder"
+    lean = RECIPES["encoder-lean"]
+    assert (lean.method, lean.allocation, lean.sequential, lean.update) == ("svdllm", "asvd", True, "v")
+
+
 def test_unpad_drops_padding_tokens():
     batches = calib("bert", n=1, padded=True)
     out = unpad(batches)

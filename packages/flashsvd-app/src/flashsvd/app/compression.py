@@ -220,7 +220,7 @@ def compress_model(
     from flashsvd.models.adapters import get_adapter
     from flashsvd.models.compress import resolve_recipe
 
-    rec, _ = resolve_recipe(model, recipe, method, sequential=sequential)
+    rec, _ = resolve_recipe(model, recipe, method, sequential=sequential, keep_ratio=ranks.keep_ratio)
     n = calib_samples or rec.calib_samples
     batches = None
     if rec.data_aware:

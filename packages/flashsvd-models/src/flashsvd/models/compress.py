@@ -113,11 +113,12 @@ def resolve_recipe(
     sequential: bool | None = None,
     calibrated: bool = True,
     options: Mapping[str, Any] | None = None,
+    keep_ratio: float | None = None,
 ) -> tuple[Recipe, list[str]]:
     """The recipe ``compress`` runs, and notes on how it was chosen.
 
     ``recipe`` wins; else ``method`` alone means that method with uniform ranks (``ars``: ARS ranks,
-    whitened factors); else the family default, or the data-free ``svd`` recipe when there is no
+    whitened factors); else the default for the family and ``keep_ratio``, or the data-free ``svd`` recipe when there is no
     calibration data (with a warning, since the default is much better). ``sequential`` and method
     ``options`` (``center``, ``output_fisher``, ``update`` and the rest) override the recipe.
     """
@@ -134,7 +135,7 @@ def resolve_recipe(
             else Recipe(name=name, method=name, allocation="uniform")
         )
     else:
-        r = default_recipe(model)
+        r = default_recipe(model, keep_ratio)
         if not calibrated:
             notes.append(
                 f"no calibration data: used the data-free 'svd' recipe instead of the {r.name} default "
@@ -210,7 +211,7 @@ def compress(
         raise ValueError(f"compress needs exactly one of keep_ratio=, rank= or ranks= (got {given})")
     batches = list(calibration) if calibration is not None else None
     rec, notes = resolve_recipe(model, recipe, method, sequential=sequential, calibrated=bool(batches),
-                                options=method_options)  # fmt: skip
+                                options=method_options, keep_ratio=keep_ratio)  # fmt: skip
     targets: list[Target] = adapter.targets(model)
     explicit = None if keep_ratio is not None else _explicit_ranks(targets, model, rank, ranks)
     params_before = count_parameters(model)

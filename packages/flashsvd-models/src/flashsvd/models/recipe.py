@@ -4,8 +4,9 @@
 checkpoint stores it (``quantization_config.recipe`` and the report) and ``flashsvd info`` prints it.
 A recipe does not hold the budget (``keep_ratio`` or ranks): the same recipe serves every ratio.
 
-The defaults (:func:`default_recipe`) are the best recipes we measured per model family; each names
-the figure that justifies it (``docs/results.md``, ``benchmarks/results/QUALITY.md``).
+The defaults (:func:`default_recipe`) are the best recipes we measured per model family and, for
+encoders, per budget (below ``keep_ratio`` 0.6 another recipe wins); each names the figure that
+justifies it (``docs/results.md``, ``benchmarks/results/QUALITY.md``).
 """
 
 from __future__ import annotations
@@ -237,6 +238,22 @@ RECIPES: dict[str, Recipe] = {
             "(dense 0.8100), calibrated on 2,048 SST-2 train sentences: benchmarks/results/QUALITY.md"
         ),
     ),
+    "encoder-lean": Recipe(
+        name="encoder-lean",
+        method="svdllm",
+        allocation="asvd",
+        keep_dense=("q", "k"),
+        center=True,
+        sequential=True,
+        update="v",
+        gradients="auto",
+        calib_samples=2048,
+        evidence=(
+            "all-MiniLM-L6-v2 zero-shot STS-B 0.7687 / 0.7665 at keep 0.5 on the even / odd pairs (the "
+            "encoder default: 0.7515 / 0.7407); ties it at 0.6, loses at 0.75: "
+            "benchmarks/results/minilm_keep05_split_search.log"
+        ),
+    ),
     "decoder": Recipe(
         name="decoder",
         method="whiten",
@@ -260,12 +277,24 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def default_recipe(model_or_decoder: Any) -> Recipe:
-    """The best measured recipe for the model's family (``decoder`` for causal LMs, else ``encoder``)."""
+#: encoders compressed to a keep_ratio below this get ``encoder-lean``: MiniLM STS-B on the even /
+#: odd pairs, default vs lean, 0.7515 / 0.7407 vs 0.7687 / 0.7665 at keep 0.5, 0.7812 / 0.7734 vs
+#: 0.7802 / 0.7743 at 0.6 (the crossover), 0.8037 / 0.7971 vs 0.7844 / 0.7764 at 0.75
+#: (``benchmarks/results/minilm_keep05_split_search.log``).
+ENCODER_LEAN_BELOW = 0.6
+
+
+def default_recipe(model_or_decoder: Any, keep_ratio: float | None = None) -> Recipe:
+    """The best measured recipe for the model's family (``decoder`` for causal LMs, else ``encoder``)
+    and budget: encoders below ``keep_ratio`` :data:`ENCODER_LEAN_BELOW` get ``encoder-lean``."""
     if isinstance(model_or_decoder, bool):
         decoder = model_or_decoder
     else:
         from flashsvd.models.adapters import get_adapter
 
         decoder = get_adapter(model_or_decoder).decoder
-    return RECIPES["decoder" if decoder else "encoder"]
+    if decoder:
+        return RECIPES["decoder"]
+    if keep_ratio is not None and keep_ratio < ENCODER_LEAN_BELOW:
+        return RECIPES["encoder-lean"]
+    return RECIPES["encoder"]

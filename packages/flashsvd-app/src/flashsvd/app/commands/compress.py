@@ -12,10 +12,11 @@ from flashsvd.app.errors import guarded
 
 HELP = """Compress a model with an SVD-family method and save a checkpoint.
 
-Recipe: without --method or --recipe, the best recipe we measured for the model's family (encoders:
-whiten, loss-curve ranks, Q/K dense, centered fit, output Fisher; decoders: whiten, loss-curve ranks),
-with ranks rounded to multiples of 8; --recipe takes a JSON/YAML recipe file or a built-in name
-(encoder, decoder, svd); --method alone means that method with uniform ranks (ars: ARS ranks, whitened
+Recipe: without --method or --recipe, the best recipe we measured for the model's family and budget
+(encoders: whiten, loss-curve ranks, Q/K dense, centered fit, output Fisher, and below --keep-ratio
+0.6 block-by-block SVD-LLM with ASVD-sensitivity ranks; decoders: whiten, loss-curve ranks), with
+ranks rounded to multiples of 8; --recipe takes a JSON/YAML recipe file or a built-in name
+(encoder, encoder-lean, decoder, svd); --method alone means that method with uniform ranks (ars: ARS ranks, whitened
 factors). `flashsvd info` prints the recipe a checkpoint was made with.
 
 Ranks: one of --keep-ratio (fraction of the targeted layers' parameters kept; default 0.5), --rank
@@ -44,7 +45,8 @@ def compress(
     recipe: Annotated[
         str | None,
         typer.Option(
-            "--recipe", help="Recipe: a JSON/YAML file or encoder, decoder, svd (default: by family)."
+            "--recipe",
+            help="Recipe: a JSON/YAML file or encoder, encoder-lean, decoder, svd (default: by family and budget).",
         ),
     ] = None,
     keep_ratio: Annotated[
