@@ -91,6 +91,14 @@ def test_scalar_where_a_tensor_was_takes_tritons_path(fake_device):
     assert fn.calls[-1][0] == "triton"
 
 
+def test_a_kernel_without_the_tensors_first_layout_always_takes_tritons_path(fake_device):
+    fn = FakeJit()
+    x = torch.zeros(8)
+    for _ in range(4):
+        _launch.launch(fn, (1,), x, 8, x, 0.5)
+    assert [c[0] for c in fn.calls] == ["triton"] * 4
+
+
 def test_launch_hooks_take_tritons_path(fake_device, monkeypatch):
     fn = FakeJit()
     x, y = torch.zeros(8), torch.zeros(8)

@@ -59,7 +59,7 @@ def _hooks_installed() -> bool:
 def _signature(kid: tuple, args: tuple) -> tuple | None:
     """Everything the compiled kernel depends on, or None when ``args`` break the tensors-first layout."""
     n = _N_TENSORS.get(kid[0])
-    if n is None:
+    if n is None or n < 0:  # layout not learned yet, or not tensors-first
         return None
     if not _DRIVER:
         from triton.runtime import driver
