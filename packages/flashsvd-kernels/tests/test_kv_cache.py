@@ -37,6 +37,8 @@ def test_cache_errors():
     c = RankSpaceKVCache(1, 2, 1, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="pk_new"):
         c.append(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="device"):
+        c.append(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2), positions=torch.zeros(1, 1, device="meta"))
     with pytest.raises(ValueError, match="overflow"):
         c.append(torch.randn(1, 3, 1, 2), torch.randn(1, 3, 1, 2))
 

@@ -150,6 +150,13 @@ class RankSpaceKVCache:
         if self.max_length + T > self.max_len:
             raise ValueError(f"cache overflow: {self.max_length} + {T} tokens > max_len {self.max_len}; "
                              "allocate a larger cache")  # fmt: skip
+        dev = self.pk.device
+        if (
+            pk_new.device != dev
+            or pv_new.device != dev
+            or (positions is not None and positions.device != dev)
+        ):
+            raise ValueError(f"new keys, values and positions must be on the cache's device {dev}")
         if positions is not None:
             positions = positions.expand(self.batch, T)
         if _use_kernel(pk_new):
