@@ -73,6 +73,8 @@ def main() -> None:
             )
             for d in (0.1, 0.3)
         },
+        "lean-nocenter": RECIPES["encoder-lean"].with_(center=False),
+        "whiten-seq-asvd": enc.with_(allocation="asvd", output_fisher=False, sequential=True),
     }
     only = a.variants or list(variants)
     print("dense", score(dense), flush=True)
