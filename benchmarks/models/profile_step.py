@@ -166,6 +166,8 @@ def _syncs(fn) -> list[str]:
     old = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "prototype feature" in str(message):  # torch's notice that the debug mode is on, not a sync
+            return
         frames = [
             f
             for f in traceback.extract_stack()[:-1]
