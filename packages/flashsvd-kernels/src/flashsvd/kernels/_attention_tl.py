@@ -44,6 +44,38 @@ def rotate(x1, x2, c, s):
 
 
 @triton.jit
+def key_factor(VK, BK, hk, s_vk_h, s_vk_r, s_vk_d, s_bk_h, offs_rk, rk, offs_hd, hd_ok, half,
+               HAS_BK: tl.constexpr):  # fmt: skip
+    """Head ``hk``'s key factor ``vk`` and bias ``bk`` as halves ``(vk1, vk2, bk1, bk2)`` over d_head,
+    kept on chip for the whole key loop (without ``HAS_BK`` the bias halves are unused placeholders)."""
+    vk_ptr = VK + hk * s_vk_h + offs_rk[:, None] * s_vk_r + offs_hd[None, :] * s_vk_d
+    vk_ok = (offs_rk < rk)[:, None] & hd_ok[None, :]
+    vk1 = tl.load(vk_ptr, mask=vk_ok, other=0.0)
+    vk2 = tl.load(vk_ptr + half * s_vk_d, mask=vk_ok, other=0.0)
+    if HAS_BK:
+        bk1 = tl.load(BK + hk * s_bk_h + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
+        bk2 = tl.load(BK + hk * s_bk_h + half + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
+    else:
+        bk1 = vk1
+        bk2 = vk2
+    return vk1, vk2, bk1, bk2
+
+
+@triton.jit
+def rotated_keys(pk, vk1, vk2, bk1, bk2, COS, SIN, pos, pos_ok, half, s_cos_p, s_cos_d,
+                 HAS_BK: tl.constexpr, HALF_P: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """A K tile rebuilt on chip from its rank-space rows (``pk·vk + bk``, as halves) and rotated at
+    positions ``pos``: one tensor-core dot per half, shared by every query row that reads the tile."""
+    k1 = dot(pk, vk1, IEEE, UPCAST)
+    k2 = dot(pk, vk2, IEEE, UPCAST)
+    if HAS_BK:
+        k1 += bk1[None, :]
+        k2 += bk2[None, :]
+    c, s = load_rope(COS, SIN, pos, pos_ok, half, s_cos_p, s_cos_d, HALF_P)
+    return rotate(k1, k2, c, s)
+
+
+@triton.jit
 def softmax_step(s, keep, m_i, l_i, acc):
     """One online-softmax step over a score tile ``s`` (already in log2 units).
 

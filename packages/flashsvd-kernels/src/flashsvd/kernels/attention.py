@@ -154,14 +154,9 @@ def _lowrank_attn_fwd(
         q1, q2 = atl.rotate(q1, q2, qc, qs)
         q1 = cast(q1 * qk_scale, dt, UPCAST)
         q2 = cast(q2 * qk_scale, dt, UPCAST)
-        # Key factor halves stay on chip for the whole loop.
-        vk_ptr = VK + hk * s_vk_h + offs_rk[:, None] * s_vk_r + offs_hd[None, :] * s_vk_d
-        vk_ok = (offs_rk < rk)[:, None] & hd_ok[None, :]
-        vk1 = tl.load(vk_ptr, mask=vk_ok, other=0.0)
-        vk2 = tl.load(vk_ptr + half * s_vk_d, mask=vk_ok, other=0.0)
-        if HAS_BK:
-            bk1 = tl.load(BK + hk * s_bk_h + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
-            bk2 = tl.load(BK + hk * s_bk_h + half + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
+        vk1, vk2, bk1, bk2 = atl.key_factor(
+            VK, BK, hk, s_vk_h, s_vk_r, s_vk_d, s_bk_h, offs_rk, rk, offs_hd, hd_ok, half, HAS_BK
+        )
     else:
         # Q̃ = (pq·vq + bq)·vkᵀ: scores against pk directly, in rank space.
         vq_t = tl.load(
@@ -196,17 +191,12 @@ def _lowrank_attn_fwd(
             mask=keep_n[:, None] & (offs_rk < rk)[None, :], other=0.0,
         )  # fmt: skip
         if ROPE:
-            k1 = atl.dot(pk, vk1, IEEE, UPCAST)
-            k2 = atl.dot(pk, vk2, IEEE, UPCAST)
-            if HAS_BK:
-                k1 += bk1[None, :]
-                k2 += bk2[None, :]
             if HAS_KPOS:
                 kpos = tl.load(KPOS + b * s_kpos_b + offs_n * s_kpos_n, mask=n_ok, other=0)
             else:
                 kpos = offs_n
-            kc, ks = atl.load_rope(COS, SIN, kpos, n_ok, half, s_cos_p, s_cos_d, HALF_P)
-            k1, k2 = atl.rotate(k1, k2, kc, ks)
+            k1, k2 = atl.rotated_keys(pk, vk1, vk2, bk1, bk2, COS, SIN, kpos, n_ok, half, s_cos_p, s_cos_d,
+                                      HAS_BK, HALF_P, IEEE, UPCAST)  # fmt: skip
             s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
             s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
         else:

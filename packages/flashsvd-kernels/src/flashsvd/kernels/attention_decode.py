@@ -78,18 +78,13 @@ def _keys_loop(
             mask=keep_n[:, None] & (offs_rk < rk)[None, :], other=0.0,
         )  # fmt: skip
         if ROPE:
-            # Rebuild the K tile once for every query row of the group (tensor-core dot), rotate on chip.
-            k1 = atl.dot(pk, vk1, IEEE, UPCAST)
-            k2 = atl.dot(pk, vk2, IEEE, UPCAST)
-            if HAS_BK:
-                k1 += bk1[None, :]
-                k2 += bk2[None, :]
+            # One rebuilt K tile serves every query row of the group.
             if GATHER:
                 kpos = tl.load(KPOS_b + offs_n * s_kpos_n, mask=keep_n, other=0)
-                kc, ks = atl.load_rope(COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d, HALF_P)
             else:
-                kc, ks = atl.load_rope(COS, SIN, offs_n + k_off, keep_n, half, s_cos_p, s_cos_d, HALF_P)
-            k1, k2 = atl.rotate(k1, k2, kc, ks)
+                kpos = offs_n + k_off
+            k1, k2 = atl.rotated_keys(pk, vk1, vk2, bk1, bk2, COS, SIN, kpos, keep_n, half, s_cos_p, s_cos_d,
+                                      HAS_BK, HALF_P, IEEE, UPCAST)  # fmt: skip
             s = atl.dot(q1, tl.trans(cast(k1, dt, UPCAST)), IEEE, UPCAST)
             s += atl.dot(q2, tl.trans(cast(k2, dt, UPCAST)), IEEE, UPCAST)
         else:
@@ -171,16 +166,9 @@ def _decode_split_kernel(
         q1, q2 = atl.rotate(q1, q2, qc, qs)
         q1 = cast(q1 * qk_scale, dt, UPCAST)
         q2 = cast(q2 * qk_scale, dt, UPCAST)
-        vk_ptr = VK + hk * s_vk_h + offs_rk[:, None] * s_vk_r + offs_hd[None, :] * s_vk_d
-        vk_ok = (offs_rk < rk)[:, None] & hd_ok[None, :]
-        vk1 = tl.load(vk_ptr, mask=vk_ok, other=0.0)
-        vk2 = tl.load(vk_ptr + half * s_vk_d, mask=vk_ok, other=0.0)
-        if HAS_BK:
-            bk1 = tl.load(BK + hk * s_bk_h + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
-            bk2 = tl.load(BK + hk * s_bk_h + half + offs_hd, mask=hd_ok, other=0.0).to(tl.float32)
-        else:
-            bk1 = q1  # placeholders: the keys loop reads them only with HAS_BK
-            bk2 = q1
+        vk1, vk2, bk1, bk2 = atl.key_factor(
+            VK, BK, hk, s_vk_h, s_vk_r, s_vk_d, s_bk_h, offs_rk, rk, offs_hd, hd_ok, half, HAS_BK
+        )
         qt = q1  # placeholder: the rank-space query is the no-RoPE path's
     else:
         offs_d = tl.arange(0, D_P)
