@@ -68,14 +68,11 @@ def _diff(a, b):
 
 def profile_decode(args, log):
     import speed as sp  # the sibling script: same models, ranks and variants
-    import transformers as T
 
     from flashsvd.models.graphs import generate_greedy
 
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                        num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
-    torch.manual_seed(0)
-    dense = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    dense = sp.llama7b(args.llama_layers)
+    cfg = dense.config
     for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple):
         for B in args.batches:
             ids = torch.randint(0, cfg.vocab_size, (B, args.prefill), device="cuda")
@@ -92,26 +89,36 @@ def profile_decode(args, log):
     sp._free()
 
 
-def profile_bert(args, log):
+def _bert_cases(args):
+    """``(seq, variant name, model, forward)`` for every ``--bert-seqs`` length and ``speed.py`` variant
+    (dense, torch, flash, flash-fastest) of BERT-base at batch 64; ``forward(n)`` runs ``n`` eager calls."""
     import speed as sp  # the sibling script: same models, ranks and variants
-    import transformers as T
 
-    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    torch.manual_seed(0)
-    dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
+    dense = sp.bert_base()
     for seq in args.bert_seqs:
-        ids = torch.randint(0, cfg.vocab_size, (64, seq), device="cuda")
+        ids = torch.randint(0, dense.config.vocab_size, (64, seq), device="cuda")
         mask = torch.ones_like(ids)
         for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, fastest=True):
 
-            def fwd(model=model, ids=ids, mask=mask):
+            def forward(n=1, model=model, ids=ids, mask=mask):
                 with torch.no_grad():
-                    for _ in range(3):
+                    for _ in range(n):
                         model(input_ids=ids, attention_mask=mask)
 
-            fwd()
-            log(_table(f"bert forward {name} seq={seq}", kernel_times(fwd), 3))
+            yield seq, name, model, forward
             sp._free()
+    del dense
+    sp._free()
+
+
+def profile_bert(args, log):
+    for seq, name, _, forward in _bert_cases(args):
+
+        def fwd(forward=forward):
+            forward(3)
+
+        fwd()
+        log(_table(f"bert forward {name} seq={seq}", kernel_times(fwd), 3))
 
 
 def _host_profile(label, fn, n, log):
@@ -217,37 +224,16 @@ def _host_model(label, fn, n, log, top=28):
 
 
 def profile_host_bert(args, log):
-    import speed as sp  # the sibling script: same models, ranks and variants
-    import transformers as T
-
-    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    torch.manual_seed(0)
-    dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
-    for seq in args.bert_seqs:
-        ids = torch.randint(0, cfg.vocab_size, (64, seq), device="cuda")
-        mask = torch.ones_like(ids)
-        for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, fastest=True):
-            if name not in ("dense", "flash-fastest"):
-                continue
-
-            def fwd(model=model, ids=ids, mask=mask):
-                with torch.no_grad():
-                    model(input_ids=ids, attention_mask=mask)
-
-            _host_model(f"bert eager {name} seq={seq}", fwd, 20, log)
-    del dense
-    sp._free()
+    for seq, name, _, forward in _bert_cases(args):
+        if name in ("dense", "flash-fastest"):
+            _host_model(f"bert eager {name} seq={seq}", forward, 20, log)
 
 
 def profile_host_llama(args, log):
     import speed as sp  # the sibling script: same models, ranks and variants
-    import transformers as T
 
-    lcfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                         num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
-    torch.manual_seed(0)
-    dense = T.LlamaForCausalLM(lcfg).to("cuda", torch.float16).eval()
-    ids = torch.randint(0, lcfg.vocab_size, (1, args.prefill), device="cuda")
+    dense = sp.llama7b(args.llama_layers)
+    ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), device="cuda")
     kw = dict(do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=0)
 
     def gen(model):

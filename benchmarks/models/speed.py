@@ -148,6 +148,25 @@ def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False
     del model
 
 
+def bert_base():
+    """The encoder of issue 14: BERT-base, random weights (seed 0), fp16 on CUDA, eval mode."""
+    import transformers as T
+
+    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    return T.BertModel(cfg).to("cuda", torch.float16).eval()
+
+
+def llama7b(layers: int):
+    """The decoder of issue 14: ``layers`` LLaMA-7B-shaped blocks, random weights (seed 0), fp16 on CUDA."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                        num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+
+
 # ---- timing ----------------------------------------------------------------------------------------
 def cuda_graph(fn):
     from flashsvd.models.graphs import cuda_graph as capture
@@ -163,15 +182,11 @@ def _time(fn, warmup: int, repeats: int) -> float:
 
 # ---- BERT ---------------------------------------------------------------------------------------------
 def bench_bert(rows, args):
-    import transformers as T
-
     from flashsvd.models.measure import measure_memory
 
-    cfg = T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    torch.manual_seed(0)
-    dense = T.BertModel(cfg).to("cuda", torch.float16).eval()
+    dense = bert_base()
     for seq in args.bert_seqs:
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, seq)).cuda()
+        ids = torch.randint(0, dense.config.vocab_size, (args.batch, seq)).cuda()
         mask = torch.ones_like(ids)
         for name, model, report in compressed_variants(dense, args.keep, args.multiple, fastest=True):
             base = {"bench": "bert-base", "variant": name, "batch": args.batch, "seq": seq, "new_tokens": 0,
@@ -301,13 +316,9 @@ def _static_decode(model, ids, new_tokens):
 
 
 def bench_llama(rows, args):
-    import transformers as T
-
     bandwidth = args.ceilings[1]
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                        num_hidden_layers=args.llama_layers, vocab_size=32000, max_position_embeddings=8192)  # fmt: skip
-    torch.manual_seed(0)
-    dense = T.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    dense = llama7b(args.llama_layers)
+    cfg = dense.config
     for name, model, report in compressed_variants(
         dense, args.keep, args.multiple, kv_rank=args.llama_kv_rank or None
     ):
