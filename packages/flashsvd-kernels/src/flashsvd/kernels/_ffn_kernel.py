@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2
+from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2, tile_size
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, upcast_dot
 
@@ -59,10 +59,6 @@ H_CHUNK_MIN_TOKENS = 256
 STORE_H_COST_FLOPS = 1000.0
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, next_power_of_2(n))
-
-
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialized buffer (one place, so tests can poison every buffer the kernel must fill)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -85,7 +81,7 @@ class FFNPlan:
 
 
 def _rank_block(r: int, widest: int) -> int:
-    return _pow2(r) if _pow2(r) <= widest else RANK_BLOCK_LOOP
+    return tile_size(r) if tile_size(r) <= widest else RANK_BLOCK_LOOP
 
 
 def plan_ffn(ranks_in: tuple[int, ...], r2: int, element_size: int = 2) -> FFNPlan:
@@ -99,7 +95,7 @@ def plan_ffn(ranks_in: tuple[int, ...], r2: int, element_size: int = 2) -> FFNPl
     widest = MAX_RANK_BLOCK // shrink // (2 if len(ranks_in) > 1 else 1)
     block_ka = _rank_block(ranks_in[0], widest)
     block_kb = _rank_block(ranks_in[-1], widest)
-    r2p = _pow2(r2)
+    r2p = tile_size(r2)
     if r2p <= max_chunk:
         return FFNPlan(MODE_FUSED, r2p, 1, block_ka, block_kb)
     n_chunks = cdiv(r2, max_chunk)
@@ -326,7 +322,7 @@ def _launch(mode, plan, pa, pb, va, vb, ba, bb, u2, v2, b2, out, activation, gat
         HAS_BA=ba is not None, HAS_BB=gated and bb is not None, HAS_B2=b2 is not None,
         BLOCK_KA=plan.block_ka, KA_LOOP=va.shape[0] > plan.block_ka,
         BLOCK_KB=plan.block_kb, KB_LOOP=gated and vb.shape[0] > plan.block_kb,
-        R2_CHUNK=max(plan.r2_chunk, 16), BLOCK_D=min(64, _pow2(d_out)),
+        R2_CHUNK=max(plan.r2_chunk, 16), BLOCK_D=min(64, tile_size(d_out)),
         UPCAST=upcast_dot(u2.dtype), PRECISION="ieee" if u2.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     t_bucket = _token_bucket(n_tokens)

@@ -25,7 +25,7 @@ from triton import knobs
 
 from flashsvd.kernels._triton_compat import interpreter_enabled
 
-__all__ = ["cdiv", "launch", "launch_tuned", "next_power_of_2"]
+__all__ = ["cdiv", "launch", "launch_tuned", "next_power_of_2", "tile_size"]
 
 _BEST: dict[tuple, Any] = {}  # autotune key -> the config the autotuner picked
 _LAST: dict[int, Any] = {}  # per kernel: the config tuned last (the fallback inside a graph capture)
@@ -43,6 +43,11 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ``>= n`` (1 for ``n <= 1``); host-side twin of ``triton.next_power_of_2``."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def tile_size(n: int, at_least: int = 16) -> int:
+    """A tile dimension covering ``n``: its next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(at_least, next_power_of_2(n))
 
 
 def _capturing() -> bool:

@@ -38,17 +38,13 @@ from flashsvd.kernels._attention_checks import (
     check_rope,
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
-from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2
+from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2, tile_size
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, resolve_backend, upcast_dot
 
 __all__ = ["lowrank_attention", "lowrank_attention_reference"]
 
 LOG2E = 1.4426950408889634
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, next_power_of_2(int(n)))
 
 
 def _align(*ts: torch.Tensor) -> int:
@@ -268,7 +264,7 @@ def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> t
 
     align = _align(pq, pk, pv)
     flags = dict(
-        RQ_P=_pow2(rq), RK_P=_pow2(rk), RV_P=_pow2(rv), D_P=_pow2(D), HALF_P=_pow2(D // 2),
+        RQ_P=tile_size(rq), RK_P=tile_size(rk), RV_P=tile_size(rv), D_P=tile_size(D), HALF_P=tile_size(D // 2),
         HAS_BQ=bq is not None, HAS_BK=bk is not None, HAS_BV=bv is not None, HAS_MASK=mask is not None,
         HAS_QPOS=q_pos is not None, HAS_KPOS=k_pos is not None, CAUSAL=o.causal, ROPE=rope,
         IEEE=pq.dtype == torch.float32, UPCAST=upcast_dot(pq.dtype),

@@ -33,10 +33,10 @@ from flashsvd.kernels._attention_checks import (
     check_rope,
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
-from flashsvd.kernels._launch import cdiv, launch, launch_tuned
+from flashsvd.kernels._launch import cdiv, launch, launch_tuned, tile_size
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, interpreter_enabled, resolve_backend, upcast_dot
-from flashsvd.kernels.attention import LOG2E, _align, _bucket, _pow2
+from flashsvd.kernels.attention import LOG2E, _align, _bucket
 from flashsvd.kernels.kv_cache import RankSpaceKVCache
 
 __all__ = ["lowrank_attention_decode", "lowrank_attention_decode_reference"]
@@ -320,7 +320,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
     G = Hq // Hkv
     R = G * T
     dev = pq.device
-    ROWS_P, RV_P = _pow2(R), _pow2(rv)
+    ROWS_P, RV_P = tile_size(R), tile_size(rv)
     n_hint = max(1, min(n_hint, Nmax))
     want = max(1, (PROGRAMS_PER_SM * _num_sms(dev)) // (B * Hkv))
     n_splits = max(1, min(want, cdiv(n_hint, 256)))
@@ -338,7 +338,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
     IEEE, UPCAST = pq.dtype == torch.float32, upcast_dot(pq.dtype)
     align = _align(pk, pv)
     flags = dict(
-        ROWS_P=ROWS_P, RQ_P=_pow2(rq), RK_P=_pow2(rk), RV_P=RV_P, D_P=_pow2(D), HALF_P=_pow2(D // 2),
+        ROWS_P=ROWS_P, RQ_P=tile_size(rq), RK_P=tile_size(rk), RV_P=RV_P, D_P=tile_size(D), HALF_P=tile_size(D // 2),
         HAS_BQ=bq is not None, HAS_BK=bk is not None, HAS_MASK=mask is not None,
         HAS_QPOS=q_pos is not None, HAS_KPOS=k_pos is not None, ROPE=use_rope, IEEE=IEEE, UPCAST=UPCAST,
     )  # fmt: skip
@@ -362,7 +362,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         acc, mx, sm, vv, bv if bv is not None else dummy, out,
         *vv.stride(), bv.stride(0) if bv is not None else 0, *out.stride(),
         Hkv, G, T, R, n_splits, rv, D,
-        ROWS_P=ROWS_P, RV_P=RV_P, D_P=_pow2(D), HAS_BV=bv is not None, IEEE=IEEE, UPCAST=UPCAST, num_warps=4,
+        ROWS_P=ROWS_P, RV_P=RV_P, D_P=tile_size(D), HAS_BV=bv is not None, IEEE=IEEE, UPCAST=UPCAST, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from flashsvd.kernels import ffn_policy
 from flashsvd.kernels._ffn_kernel import ffn_forward_triton
+from flashsvd.kernels._launch import next_power_of_2
 from flashsvd.kernels._triton_compat import resolve_backend
 
 __all__ = [
@@ -278,7 +279,7 @@ def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
     """Fused kernel, plain chain or chunked chain, whichever ``policy`` picks for this shape."""
     T, d_ff = x2d.shape[0], tensors[1].shape[1]
     ranks = tuple(t.shape[1] for t in tensors[0::3])
-    key = (x2d.dtype, _bucket(T), x2d.shape[1], d_ff, ranks, activation, gated)
+    key = (x2d.dtype, next_power_of_2(T), x2d.shape[1], d_ff, ranks, activation, gated)
 
     def run(name):
         if name == "fused":
@@ -286,10 +287,6 @@ def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
         return _chain_forward(x2d, tensors, activation, gated, ffn_policy.CHUNKS if name == "chunked" else 1)
 
     return run(ffn_policy.choose(key, policy, run, T, d_ff, x2d, gated))
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _reference_2d(x2d, tensors, activation, gated):
