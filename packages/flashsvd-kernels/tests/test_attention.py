@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from flashsvd.kernels import attention as attention_module
 from flashsvd.kernels import lowrank_attention, lowrank_attention_reference, rope_table
 from flashsvd.kernels._triton_compat import interpreter_enabled
 from flashsvd.kernels.rope import apply_rope
@@ -172,6 +173,35 @@ def test_triton_matches_float64(case, dtype):
     lowrank_attention(*dev, backend="triton", out=out, **kw_dev)
     assert not torch.isnan(out).any(), "unwritten or NaN output"
     assert rel(out.cpu(), ref) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_every_prefill_config_matches_float64(case, dtype, monkeypatch):
+    """The autotuner keeps the fastest config, right or wrong, so each config must be right alone.
+
+    On triton 3.6 / H200 the tensor-core configs (BLOCK_M >= 64) miscompiled 16-wide tiles with
+    ragged key counts while BLOCK_M = 32 stayed exact: a failure here names the config.
+    """
+    B, M, N, Hq, Hkv, rq, rk, rv, D, causal, mask_kind, use_rope = case
+    t = make(B, M, N, Hq, Hkv, rq, rk, rv, D, seed=7)
+    mask = (torch.arange(N)[None, :] < torch.tensor([N, max(1, N // 3)])[:B, None]) if mask_kind else None
+    rope = rope_table(2 * N + 8, D) if use_rope else None
+    ref = lowrank_attention_reference(*t, key_padding_mask=mask, causal=causal,
+                                      rope=tuple(x.double() for x in rope) if rope else None)  # fmt: skip
+    dev = [x.cuda() if x is not None else None for x in cast(t, dtype)]
+    kw = dict(key_padding_mask=mask.cuda() if mask is not None else None, causal=causal,
+              rope=tuple(x.cuda() for x in rope) if rope else None)  # fmt: skip
+    for cfg in attention_module._lowrank_attn_fwd.configs:
+
+        def one_config(kernel, key, grid, *args, cfg=cfg, **kwargs):
+            kernel.fn[grid(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs())
+
+        monkeypatch.setattr(attention_module, "launch_tuned", one_config)
+        out = lowrank_attention(*dev, backend="triton", **kw)
+        assert rel(out.cpu(), ref) <= TOL[dtype], cfg
 
 
 @needs_triton

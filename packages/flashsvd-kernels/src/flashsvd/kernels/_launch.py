@@ -45,8 +45,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def tile_size(n: int, at_least: int = 16) -> int:
-    """A tile dimension covering ``n``: its next power of two, at least 16 (``tl.dot``'s minimum)."""
+# Smallest rank / d_head / row tile.  ``tl.dot`` accepts 16, but triton 3.6 on the H200 computed
+# wrong outputs (relative error 0.2-0.7, fp16/bf16 only) or faulted with 16-wide tiles whenever the
+# token count was not a multiple of 16: prefill attention with ranks 5-16, d_head 24-40 and 19 or
+# 37 keys (every config with BLOCK_N >= 64), the gated FFN with rank 5 and 37 tokens.  A floor of 32
+# gave float64-exact results in every case probed; only tiny ranks pay, in FLOPs that were padding.
+MIN_TILE = 32
+
+
+def tile_size(n: int, at_least: int = MIN_TILE) -> int:
+    """A tile dimension covering ``n``: its next power of two, at least ``MIN_TILE``."""
     return max(at_least, next_power_of_2(n))
 
 
