@@ -216,3 +216,27 @@ def test_rank_space_layer_grows_and_crops():
     static.update(pk[:, :6], pv[:, :6])
     with pytest.raises(ValueError, match="static cache full"):
         static.update(pk[:, :3], pv[:, :3])
+
+
+def test_key_mask_is_converted_once_per_hf_mask():
+    """Every layer gets HF's one mask: the key mask is derived once, and never from a stale source."""
+    from flashsvd.models.runtime import key_valid_from_hf_mask
+
+    add = torch.zeros(2, 1, 1, 5)
+    add[1, ..., :2] = torch.finfo(torch.float32).min  # left padding in row 1
+    first = key_valid_from_hf_mask(add, 2, 5)
+    assert first.tolist() == [[True] * 5, [False, False, True, True, True]]
+    assert key_valid_from_hf_mask(add, 2, 5) is first  # the next layer reuses it
+    add[0, ..., 4] = torch.finfo(torch.float32).min  # changed in place: converted again
+    again = key_valid_from_hf_mask(add, 2, 5)
+    assert again is not first and again[0].tolist() == [True, True, True, True, False]
+    same_values = add.clone()  # another tensor, even with equal values, is converted afresh
+    assert key_valid_from_hf_mask(same_values, 2, 5) is not again
+    assert key_valid_from_hf_mask(add[..., 1:], 2, 4).tolist() == [
+        [True, True, True, False],
+        [False, True, True, True],
+    ]
+    with torch.inference_mode():
+        inf = torch.ones(2, 5, dtype=torch.bool)
+        a, b = key_valid_from_hf_mask(inf, 2, 5), key_valid_from_hf_mask(inf, 2, 5)
+        assert a is not b and a.all()  # no version counter: never reused

@@ -12,6 +12,7 @@ linear layers replaced by :class:`~flashsvd.models.lowrank.LowRankLinear` (plain
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -89,6 +90,43 @@ def swap_out(root: nn.Module) -> int:
 
 
 # ---- masks and RoPE ----------------------------------------------------------------------------------
+class _LastMask:
+    """The key mask derived from the last HF mask seen, reused while every layer gets the same one.
+
+    Why: HF builds one mask per forward and hands the same tensor to every layer; converting it is
+    ~6 small ops, a few hundred microseconds of host time per eager forward at ~25 µs an op.  The
+    source is held weakly (a 4K-token decoder mask must not outlive its forward) and must be the very
+    same object at the same version, so a freed mask whose id or memory is reused never matches;
+    nothing is remembered inside a CUDA-graph capture or a ``torch.compile`` trace, where the
+    conversion must be recorded in every layer.
+    """
+
+    entry: tuple | None = None  # (weakref to the HF mask, its _version, batch, n_keys, key mask)
+
+    @staticmethod
+    def _usable(mask: torch.Tensor) -> bool:
+        # A capture must record the conversion (its replays see new mask values), also when an
+        # eager warm-up call just remembered it for this very static mask.
+        return not (mask.is_inference()  # inference tensors have no version counter
+                    or (mask.is_cuda and torch.cuda.is_current_stream_capturing()))  # fmt: skip
+
+    @classmethod
+    def get(cls, mask: torch.Tensor, batch: int, n_keys: int) -> torch.Tensor | None:
+        e = cls.entry
+        if (
+            e is not None
+            and e[0]() is mask
+            and e[1:4] == (mask._version, batch, n_keys)
+            and cls._usable(mask)
+        ):
+            return e[4]
+        return None
+
+    @classmethod
+    def put(cls, mask: torch.Tensor, batch: int, n_keys: int, keep: torch.Tensor) -> None:
+        cls.entry = (weakref.ref(mask), mask._version, batch, n_keys, keep) if cls._usable(mask) else None
+
+
 def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None:
     """``[B, N]`` bool (True = real key) from whatever mask HF built, or ``None`` (no padding).
 
@@ -103,12 +141,19 @@ def key_valid_from_hf_mask(mask, batch: int, n_keys: int) -> torch.Tensor | None
             f"the flash backend cannot read a {type(mask).__name__} attention mask: load the model with "
             "attn_implementation='sdpa' or 'eager'"
         )
+    compiling = torch.compiler.is_compiling()  # first: a trace must not touch the weakref memo
+    known = None if compiling else _LastMask.get(mask, batch, n_keys)
+    if known is not None:
+        return known
     keep = mask if mask.dtype == torch.bool else (mask == 0) if mask.dim() == 4 else mask.to(torch.bool)
     if keep.dim() == 4:
         keep = keep.any(dim=-2).any(dim=1)
     # No "all keys real → None" shortcut: reading the answer back is a host sync (it stalls every
     # eager call and breaks CUDA-graph capture), while the kernels read the mask almost for free.
-    return keep[:, -n_keys:].expand(batch, n_keys).contiguous()
+    keep = keep[:, -n_keys:].expand(batch, n_keys).contiguous()
+    if not compiling:
+        _LastMask.put(mask, batch, n_keys, keep)
+    return keep
 
 
 #: the keyword under which HF attention modules receive the KV cache, newest first: transformers 5.24
@@ -227,11 +272,12 @@ class FlashAttention(FlashBlock):
         pv = pv.unflatten(-1, (v.n_heads, v.rank))
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
-        if positions is None:
-            # a static cache's length is a device tensor: added, not read back, so a capture replays right
-            start = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            positions = (torch.arange(M, device=hidden_states.device) + start)[None]
-        positions = positions.to(torch.long).expand(B, M)
+        if cache is not None or self.rope is not None:  # an encoder without RoPE needs no positions
+            if positions is None:
+                # a static cache's length is a device tensor: added, not read back, so a capture replays right
+                start = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                positions = (torch.arange(M, device=hidden_states.device) + start)[None]
+            positions = positions.to(torch.long).expand(B, M)
         key_positions = positions
         decode = self._use_decode_kernel(cache, M, pq)
         lengths, mask = None, kwargs.get("attention_mask")
