@@ -32,7 +32,7 @@ def main() -> None:
     def score(model):
         return sts.spearman_parts(model, tok, 2)
 
-    batches = M.padded_batches(tok, sst2_sentences(2048))
+    batches: dict[int, list] = {}  # calibration batches per recipe.calib_samples (2,048 as the tables)
     enc = RECIPES["encoder"]
     variants = {
         "default": enc,
@@ -74,13 +74,22 @@ def main() -> None:
             for d in (0.1, 0.3)
         },
         "lean-nocenter": RECIPES["encoder-lean"].with_(center=False),
+        # Q/K compressed too (their budget goes to the rest); more calibration text for the whitening
+        "lean-noqk": RECIPES["encoder-lean"].with_(keep_dense=()),
+        "lean-qkdense": RECIPES["encoder-lean"].with_(keep_dense=("q", "k")),
+        "lean-calib4096": RECIPES["encoder-lean"].with_(calib_samples=4096),
         "whiten-seq-asvd": enc.with_(allocation="asvd", output_fisher=False, sequential=True),
     }
     only = a.variants or list(variants)
     print("dense", score(dense), flush=True)
     for k in only:
         t0 = time.time()
-        m, rep = fm.compress(copy.deepcopy(dense), recipe=variants[k], keep_ratio=a.keep, calibration=batches)
+        n = variants[k].calib_samples
+        if n not in batches:
+            batches[n] = M.padded_batches(tok, sst2_sentences(n))
+        m, rep = fm.compress(
+            copy.deepcopy(dense), recipe=variants[k], keep_ratio=a.keep, calibration=batches[n]
+        )
         print(
             k,
             f"keep={a.keep} kept={rep.kept_fraction:.4f}",

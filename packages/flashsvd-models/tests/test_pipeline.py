@@ -96,13 +96,26 @@ def test_default_recipe_compresses_within_budget(tiny, kind):
     assert model.config.quantization_config["recipe"]["name"] == recipe.name
 
 
-def test_keep_dense_roles_stay_dense_and_count(tiny):
+@pytest.mark.parametrize("allocation", ["loss_curve", "uniform", "asvd", "ars"])
+def test_keep_dense_roles_stay_dense_and_count(tiny, allocation):
+    """Every allocation honours keep_dense (ASVD's and ARS's once compressed Q/K silently)."""
     model = tiny("bert")
-    recipe = RECIPES["encoder"].with_(gradients="none", center=True, output_fisher=False)
+    recipe = RECIPES["encoder"].with_(
+        gradients="none", center=True, output_fisher=False, allocation=allocation
+    )
     _, rep = fm.compress(model, keep_ratio=0.7, calibration=calib("bert"), recipe=recipe)
     qk = [n for n in rep.ranks if n.endswith((".query", ".key"))]
     assert qk and all(rep.ranks[n] is None for n in qk)
-    assert rep.kept_fraction <= 0.7
+    assert any(r is not None for r in rep.ranks.values())
+    assert 0.69 <= rep.kept_fraction <= 0.7
+
+
+def test_keep_dense_beyond_the_budget_is_an_error(tiny):
+    recipe = RECIPES["encoder"].with_(
+        gradients="none", allocation="asvd", keep_dense=("q", "k", "v", "o", "up")
+    )
+    with pytest.raises(ValueError, match=r"kept dense .* more than keep_ratio=0\.3"):
+        fm.compress(tiny("bert"), keep_ratio=0.3, calibration=calib("bert"), recipe=recipe)
 
 
 def test_ars_is_not_silently_svd(tiny):

@@ -300,13 +300,14 @@ def allocate(
 ) -> tuple[RankAllocation, dict]:
     """Ranks for ``keep_ratio`` by the recipe's allocation, rounded to its multiple."""
     shapes = [shape_of(t, model) for t in targets]
+    by_name = {t.name: t for t in targets}
     keep_dense = dense_names(targets, recipe)
     curves = None
     how: dict[str, Any] = {"allocation": recipe.allocation}
     if recipe.allocation in ("loss_curve", "ars") and not stats:
         raise ValueError(f"allocation {recipe.allocation!r} needs calibration statistics: pass calibration=")
     if recipe.allocation == "uniform":
-        alloc = _uniform(shapes, keep_ratio, keep_dense)
+        alloc = _sparing_dense(shapes, keep_ratio, keep_dense, uniform_keep_ratio)
     elif recipe.allocation == "loss_curve":
         curves = {}
         for t in targets:
@@ -321,16 +322,25 @@ def allocate(
         )
         alloc = allocate_by_curves(shapes, curves, keep_ratio, keep_dense=keep_dense)
     elif recipe.allocation == "ars":
-        spectra = {}
-        for t in targets:
-            w, _ = t.weight(model)
-            with named(t.name):
-                spectra[t.name] = layer_spectrum(w.detach(), stats_for(t, stats), t.n_heads)
-        alloc = ars_select_ranks(shapes, spectra, keep_ratio).allocation
+
+        def ars(rest, keep):
+            spectra = {}
+            for s in rest:
+                w, _ = by_name[s.name].weight(model)
+                with named(s.name):
+                    spectra[s.name] = layer_spectrum(
+                        w.detach(), stats_for(by_name[s.name], stats), by_name[s.name].n_heads
+                    )
+            return ars_select_ranks(rest, spectra, keep).allocation
+
+        alloc = _sparing_dense(shapes, keep_ratio, keep_dense, ars)
     else:  # asvd
-        alloc = allocate_by_sensitivity(
-            shapes, _sensitivity(model, targets, shapes, recipe, stats, batches), keep_ratio
-        )
+
+        def asvd(rest, keep):
+            sub = [by_name[s.name] for s in rest]
+            return allocate_by_sensitivity(rest, _sensitivity(model, sub, rest, recipe, stats, batches), keep)
+
+        alloc = _sparing_dense(shapes, keep_ratio, keep_dense, asvd)
     if recipe.rank_multiple > 1:
         alloc = round_ranks(shapes, alloc, recipe.rank_multiple, keep_ratio, curves=curves)
         how["rank_multiple"] = recipe.rank_multiple
@@ -339,16 +349,28 @@ def allocate(
     return alloc, how
 
 
-def _uniform(shapes, keep_ratio: float, keep_dense: set[str]) -> RankAllocation:
+def _sparing_dense(shapes, keep_ratio: float, keep_dense: set[str], allocate_rest) -> RankAllocation:
+    """``allocate_rest(shapes, keep)`` with the ``keep_dense`` layers left dense.
+
+    The dense layers count in full against the budget (``keep_ratio`` keeps its one meaning: the kept
+    fraction of every targeted parameter) and the rest of the budget goes to the other layers, by the
+    recipe's own allocation.  A budget the dense layers alone exceed is an error, not a silent 1.0.
+    """
     if not keep_dense:
-        return uniform_keep_ratio(shapes, keep_ratio)
+        return allocate_rest(list(shapes), keep_ratio)
     rest = [s for s in shapes if s.name not in keep_dense]
     total = sum(s.dense_params for s in shapes)
-    left = math.floor(keep_ratio * total) - sum(s.dense_params for s in shapes if s.name in keep_dense)
-    if left <= 0 or not rest:
-        return allocate_ranks(shapes, RankPolicy(ranks={s.name: None for s in shapes}))
-    sub = uniform_keep_ratio(rest, min(1.0, left / sum(s.dense_params for s in rest)))
-    ranks = {s.name: sub.ranks.get(s.name) for s in shapes}
+    fixed = sum(s.dense_params for s in shapes if s.name in keep_dense)
+    left = math.floor(keep_ratio * total) - fixed
+    if left <= 0:
+        raise ValueError(
+            f"the layers kept dense ({', '.join(sorted(keep_dense))}) hold {fixed / total:.1%} of the targeted "
+            f"parameters, more than keep_ratio={keep_ratio:g} allows: raise keep_ratio or keep fewer layers dense"
+        )
+    ranks = {s.name: None for s in shapes}
+    if rest:
+        sub = allocate_rest(rest, min(1.0, left / sum(s.dense_params for s in rest)))
+        ranks.update({s.name: sub.ranks.get(s.name) for s in rest})
     alloc = allocate_ranks(shapes, RankPolicy(ranks=ranks))
     alloc.reasons.update({n: "kept dense on request (keep_dense)" for n in keep_dense})
     return alloc
