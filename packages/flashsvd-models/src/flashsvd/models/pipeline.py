@@ -364,8 +364,9 @@ def _sparing_dense(shapes, keep_ratio: float, keep_dense: set[str], allocate_res
     left = math.floor(keep_ratio * total) - fixed
     if left <= 0:
         raise ValueError(
-            f"the layers kept dense ({', '.join(sorted(keep_dense))}) hold {fixed / total:.1%} of the targeted "
-            f"parameters, more than keep_ratio={keep_ratio:g} allows: raise keep_ratio or keep fewer layers dense"
+            f"the {len(keep_dense)} layers kept dense (the recipe's keep_dense) hold {fixed / total:.1%} of the "
+            f"targeted parameters, more than keep_ratio={keep_ratio:g} allows: raise keep_ratio or keep fewer "
+            "layers dense"
         )
     ranks = {s.name: None for s in shapes}
     if rest:
