@@ -73,7 +73,7 @@ def profile_decode(args, log):
 
     dense = sp.llama7b(args.llama_layers)
     cfg = dense.config
-    for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple):
+    for name, model, _ in sp.compressed_variants(dense, args.keep, args.multiple, kv_rank=64):
         for B in args.batches:
             ids = torch.randint(0, cfg.vocab_size, (B, args.prefill), device="cuda")
             generate_greedy(model, ids, 3, graph=False)  # warm-up, autotune
