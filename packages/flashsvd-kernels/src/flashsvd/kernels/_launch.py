@@ -46,16 +46,17 @@ def next_power_of_2(n: int) -> int:
 
 
 # Smallest rank / d_head / row tile.  ``tl.dot`` accepts 16, but triton 3.6 on the H200 computed
-# wrong outputs (relative error 0.2-0.7, fp16/bf16 only) or faulted with 16-wide tiles whenever the
-# token count was not a multiple of 16: prefill attention with ranks 5-16, d_head 24-40 and 19 or
-# 37 keys (every config with BLOCK_N >= 64), the gated FFN with rank 5 and 37 tokens.  A floor of 32
-# gave float64-exact results in every case probed; only tiny ranks pay, in FLOPs that were padding.
+# wrong outputs (relative error 0.2-0.7, fp16/bf16 only) or faulted in prefill attention with 16-wide
+# tiles whenever the key count was not a multiple of 16 (ranks 5-16, d_head 24-40, 19 or 37 keys):
+# every config with BLOCK_M >= 64 (the wgmma path), while BLOCK_M = 32 stayed exact.  A floor of 32
+# made every probed (shape, config) pair float64-exact; only tiny ranks pay, in FLOPs that were
+# padding.  The fused FFN still faults on tiny ranks with either floor (docs/results.md, issue 14).
 MIN_TILE = 32
 
 
-def tile_size(n: int, at_least: int = MIN_TILE) -> int:
+def tile_size(n: int) -> int:
     """A tile dimension covering ``n``: its next power of two, at least ``MIN_TILE``."""
-    return max(at_least, next_power_of_2(n))
+    return max(MIN_TILE, next_power_of_2(n))
 
 
 def _capturing() -> bool:
