@@ -149,12 +149,10 @@ TRITON_CASES = [
 ]
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_triton_matches_float64(case, dtype):
+def _triton_case(case, dtype, seed):
+    """``(device tensors, device kwargs, float64 reference)`` of one ``TRITON_CASES`` row."""
     B, M, N, Hq, Hkv, rq, rk, rv, D, causal, mask_kind, use_rope = case
-    t = make(B, M, N, Hq, Hkv, rq, rk, rv, D, seed=hash(case) % 1000)
+    t = make(B, M, N, Hq, Hkv, rq, rk, rv, D, seed=seed)
     mask = None
     if mask_kind:
         lens = torch.tensor([N, max(1, N // 3)])[:B]
@@ -169,6 +167,15 @@ def test_triton_matches_float64(case, dtype):
         causal=causal,
         rope=tuple(x.to(DEV) for x in rope) if rope else None,
     )
+    return dev, kw_dev, ref
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_matches_float64(case, dtype):
+    B, M, Hq, D = case[0], case[1], case[3], case[8]
+    dev, kw_dev, ref = _triton_case(case, dtype, seed=hash(case) % 1000)
     out = torch.full((B, M, Hq, D), float("nan"), dtype=dtype, device=DEV)
     lowrank_attention(*dev, backend="triton", out=out, **kw_dev)
     assert not torch.isnan(out).any(), "unwritten or NaN output"
@@ -185,15 +192,7 @@ def test_every_prefill_config_matches_float64(case, dtype, monkeypatch):
     On triton 3.6 / H200 the tensor-core configs (BLOCK_M >= 64) miscompiled 16-wide tiles with
     ragged key counts while BLOCK_M = 32 stayed exact: a failure here names the config.
     """
-    B, M, N, Hq, Hkv, rq, rk, rv, D, causal, mask_kind, use_rope = case
-    t = make(B, M, N, Hq, Hkv, rq, rk, rv, D, seed=7)
-    mask = (torch.arange(N)[None, :] < torch.tensor([N, max(1, N // 3)])[:B, None]) if mask_kind else None
-    rope = rope_table(2 * N + 8, D) if use_rope else None
-    ref = lowrank_attention_reference(*t, key_padding_mask=mask, causal=causal,
-                                      rope=tuple(x.double() for x in rope) if rope else None)  # fmt: skip
-    dev = [x.cuda() if x is not None else None for x in cast(t, dtype)]
-    kw = dict(key_padding_mask=mask.cuda() if mask is not None else None, causal=causal,
-              rope=tuple(x.cuda() for x in rope) if rope else None)  # fmt: skip
+    dev, kw, ref = _triton_case(case, dtype, seed=7)
     for cfg in attention_module._lowrank_attn_fwd.configs:
 
         def one_config(kernel, key, grid, *args, cfg=cfg, **kwargs):
