@@ -325,12 +325,10 @@ def allocate(
 
         def ars(rest, keep):
             spectra = {}
-            for s in rest:
-                w, _ = by_name[s.name].weight(model)
-                with named(s.name):
-                    spectra[s.name] = layer_spectrum(
-                        w.detach(), stats_for(by_name[s.name], stats), by_name[s.name].n_heads
-                    )
+            for t in (by_name[s.name] for s in rest):
+                w, _ = t.weight(model)
+                with named(t.name):
+                    spectra[t.name] = layer_spectrum(w.detach(), stats_for(t, stats), t.n_heads)
             return ars_select_ranks(rest, spectra, keep).allocation
 
         alloc = _sparing_dense(shapes, keep_ratio, keep_dense, ars)
