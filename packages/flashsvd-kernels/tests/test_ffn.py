@@ -345,6 +345,57 @@ def test_gpu_llama_sizes(dtype, activation, ranks, poison):
     assert rel_err(lowrank_gated_ffn(x, f, activation), ref) <= TOL[dtype]
 
 
+class _NotACandidate(Exception):
+    """Raised by the one-config launcher when the mode's pruning would never pick that config."""
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("mode", ["fused", "split_r2", "store_h"])
+def test_every_ffn_config_matches_float64(mode, gated, dtype, monkeypatch):
+    """The autotuner keeps the fastest config, right or wrong, so each candidate must be right alone.
+
+    On triton 3.6 / H200, 4-warp 64×64 and 128-row tiles gave relative errors of 0.5–6 (or an illegal
+    address) on these ragged shapes (37 tokens, d_ff 100, ranks 5–40): a failure here names the config.
+    """
+    if mode != "fused":  # 32-wide r2 chunks force the wide-rank modes on small shapes
+        monkeypatch.setattr(_ffn_kernel, "MAX_R2_CHUNK", 32)
+        monkeypatch.setattr(_ffn_kernel, "STORE_H_COST_FLOPS", 1e9 if mode == "split_r2" else 0.0)
+    r2 = 24 if mode == "fused" else 40
+    x = _x(37, 48, dtype)
+    if gated:
+        f = make_gated(48, 100, 5, 33, r2, dtype, bias=True)
+        ref = lowrank_gated_ffn_reference(x.cpu().double(), _f64(f), "swiglu")
+    else:
+        f = make_ffn(48, 100, 5, r2, dtype, bias=True)
+        ref = lowrank_ffn_reference(x.cpu().double(), _f64(f), "gelu")
+    assert _ffn_kernel.plan_ffn((5, 33) if gated else (5,), r2).mode == getattr(
+        _ffn_kernel, f"MODE_{mode.upper()}"
+    )
+    checked = []
+    for cfg in _ffn_kernel._lowrank_ffn_kernel.configs:
+
+        def one_config(kernel, key, grid, *args, cfg=cfg, **kwargs):
+            if str(cfg) not in map(str, _ffn_kernel._prune(kernel.configs, {}, **kwargs)):
+                raise _NotACandidate
+            kernel.fn[grid(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs())
+
+        monkeypatch.setattr(_ffn_kernel, "launch_tuned", one_config)
+        try:
+            out = (
+                lowrank_gated_ffn(x, f, "swiglu", backend="triton")
+                if gated
+                else lowrank_ffn(x, f, "gelu", backend="triton")
+            )
+        except _NotACandidate:
+            continue
+        assert rel_err(out, ref) <= TOL[dtype], cfg
+        checked.append(cfg)
+    assert checked
+
+
 # ---- per-shape policy (fused kernel vs cuBLAS chain) ------------------------------------------------
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunks", [1, 3, 8])
