@@ -29,6 +29,8 @@ VARIANTS = {
     "ofisher": DEC.with_(output_fisher=True),
     "ofisher-center": DEC.with_(output_fisher=True, center=True),
     "svdllm-seq": DEC.with_(method="svdllm", sequential=True, update="v"),
+    # SVD-LLM's sequential whitening: each block's statistics from the compressed prefix's outputs
+    "seq": DEC.with_(sequential=True),
     "asvd-alloc": DEC.with_(allocation="asvd"),
     # ridge toward isotropic inputs: less fitted to the calibration text's subspace
     **{f"damp{d:g}": DEC.with_(options={"damping": d}) for d in (0.01, 0.1, 0.3, 1.0)},

@@ -50,7 +50,8 @@ def next_power_of_2(n: int) -> int:
 # tiles whenever the key count was not a multiple of 16 (ranks 5-16, d_head 24-40, 19 or 37 keys):
 # every config with BLOCK_M >= 64 (the wgmma path), while BLOCK_M = 32 stayed exact.  A floor of 32
 # made every probed (shape, config) pair float64-exact; only tiny ranks pay, in FLOPs that were
-# padding.  The fused FFN still faults on tiny ranks with either floor (docs/results.md, issue 14).
+# padding.  The fused FFN's faults on tiny ranks were the same bug in other tiles (4-warp 64x64 and
+# 128-row tiles), which its autotuner no longer tries (``_ffn_kernel._ACC_TILES``).
 MIN_TILE = 32
 
 
