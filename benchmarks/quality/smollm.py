@@ -49,6 +49,7 @@ def perplexity(model, wins: list[torch.Tensor]) -> float:
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in wins:
+            w = w.to(next(model.parameters()).device)
             logits = model(input_ids=w).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
             count += w.shape[1] - 1

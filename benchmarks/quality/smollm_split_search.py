@@ -32,6 +32,13 @@ VARIANTS = {
     # SVD-LLM's sequential whitening: each block's statistics from the compressed prefix's outputs
     "seq": DEC.with_(sequential=True),
     "asvd-alloc": DEC.with_(allocation="asvd"),
+    "seq-center": DEC.with_(sequential=True, center=True),
+    # K/V are GQA-narrow (576 -> 192): little to save, and every query head reads them
+    "kv-dense": DEC.with_(keep_dense=("k", "v")),
+    "qkv-dense": DEC.with_(keep_dense=("q", "k", "v")),
+    # the loss-curve allocation's Fisher from every calibration window instead of 16
+    "grads-all": DEC.with_(gradient_batches=None),
+    "ofisher-center-grads-all": DEC.with_(output_fisher=True, center=True, gradient_batches=None),
     # ridge toward isotropic inputs: less fitted to the calibration text's subspace
     **{f"damp{d:g}": DEC.with_(options={"damping": d}) for d in (0.01, 0.1, 0.3, 1.0)},
 }
@@ -42,9 +49,12 @@ def main() -> None:
     p.add_argument("variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--keep", type=float, default=0.8)
     p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     a = p.parse_args()
     torch.manual_seed(0)
     dense, tok = S.load()
+    dense = dense.to(a.device)
+    print(f"# device {a.device} torch {torch.__version__}", flush=True)
 
     def ids(text: str) -> torch.Tensor:
         return tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -55,7 +65,7 @@ def main() -> None:
     sts_lines = (DATA / "stsb" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     sts_text = "\n".join(c for ln in sts_lines for c in ln.split("\t")[7:9] if c.strip())
     sts = S.windows(ids(sts_text), 16, 512)
-    calib = S.windows(ids("\n".join(sst2_sentences(6000))), a.n_calib, 256)
+    calib = S.windows(ids("\n".join(sst2_sentences(max(6000, 16 * a.n_calib)))), a.n_calib, 256)
 
     def score(model) -> tuple[float, float, float]:
         return tuple(round(S.perplexity(model, w), 3) for w in (dev, sts, wiki))

@@ -127,6 +127,33 @@ def test_paired_cross_stats_and_groups(gen):
     assert isinstance(s["2.b"], LayerStatistics)
 
 
+@pytest.mark.parametrize("empty", [[], [{}]])
+def test_paired_sequential_passes_a_block_with_nothing_to_compress(gen, empty):
+    """A middle block without targets (kept dense by the allocation) still advances the dense stream:
+    the next block's cross statistics are against the dense model's inputs (it once failed with an
+    IndexError: SmolLM2 at keep 0.8, loss-curve allocation, sequential)."""
+    blocks, inputs = _setup(gen)
+    dense = copy.deepcopy(blocks)
+    seen = {}
+
+    def targets(i, blk):
+        return empty if i == 1 else {f"{i}.a": blk.a}
+
+    def compress(i, stats):
+        seen.update(stats)
+        if not stats:  # the empty group
+            return
+        f = factorize(blocks[i].a.weight.data, 3, "whiten", stats=stats[f"{i}.a"])
+        blocks[i].a.weight.data.copy_(f.merged_weight())
+
+    calibrate_blockwise(blocks, inputs, lambda b, x: b(x), targets, compress, mode="sequential", paired=True)
+    assert sorted(seen) == ["0.a", "2.a"]
+    with torch.no_grad():
+        x_dense = torch.cat([dense[1](dense[0](x)) for x in inputs]).double()
+        x_actual = torch.cat([blocks[1](blocks[0](x)) for x in inputs]).double()
+    assert torch.allclose(seen["2.a"].cross, x_actual.T @ x_dense)
+
+
 def test_blockwise_in_place_advances_the_given_list():
     """``in_place=True``: the caller's list ends as the last block's outputs (first inputs freed early)."""
     from flashsvd.methods import calibrate_blockwise

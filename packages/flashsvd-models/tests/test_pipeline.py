@@ -140,6 +140,23 @@ def test_zero_input_gram_error_names_the_layer(tiny):
         fm.compress(model, method="whiten", keep_ratio=0.6, calibration=calib("llama"))
 
 
+def test_empty_calibration_batch_is_a_clear_error(tiny):
+    batches = [*calib("llama"), torch.zeros(1, 0, dtype=torch.long)]
+    with pytest.raises(ValueError, match=r"calibration batches \[\d+\] hold no tokens"):
+        fm.compress(tiny("llama"), method="whiten", keep_ratio=0.6, calibration=batches)
+
+
+def test_sequential_passes_a_block_the_allocation_leaves_dense(tiny):
+    """Paired sequential calibration over a block with nothing to compress (it failed with an IndexError:
+    SmolLM2, loss-curve allocation, whose budget leaves whole blocks dense)."""
+    first = [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+    rec = _seq_recipe().with_(keep_dense=tuple(first))
+    _, rep = fm.compress(tiny("llama"), keep_ratio=0.8, calibration=calib("llama"), recipe=rec)
+    assert all(rep.ranks[n] is None for n in first)
+    assert any(r is not None for n, r in rep.ranks.items() if n.startswith("model.layers.1."))
+
+
 def _seq_recipe():
     return Recipe(name="seq", method="whiten", allocation="uniform", sequential=True, rank_multiple=4)
 

@@ -134,6 +134,10 @@ def calibrate_blockwise(
                     # drop this group's modules: ``compress`` replaced them, and holding them until the
                     # block ends keeps their dense weights on the device beside the next groups' work
                     groups[gi] = group = {}
+                if paired and len(dense_next) != len(dense_stream):
+                    # no group ran the dense copy (nothing to compress in this block, e.g. a block the
+                    # allocation kept dense): the next block still needs the dense model's inputs
+                    dense_next = [run_block(reference, x) for x in dense_stream]
                 del reference
                 for j, inp in enumerate(current):
                     current[j] = run_block(block, inp)

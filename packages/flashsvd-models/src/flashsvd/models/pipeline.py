@@ -145,6 +145,12 @@ def n_tokens(batch: Any) -> int:
     return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0
 
 
+def _no_tokens(batch: Any) -> bool:
+    """A calibration batch whose input ids are empty (a model fails on it deep inside its forward)."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return isinstance(ids, torch.Tensor) and ids.numel() == 0
+
+
 def runner(model: nn.Module) -> Callable[[Any], Any]:
     """``run(batch)``: the model's forward on a tokenizer dict or an input-id tensor."""
 
@@ -774,6 +780,12 @@ def run_pipeline(
         raise ValueError(
             f"recipe {recipe.name!r} ({recipe.describe()}) is data-aware: pass calibration= "
             "(an iterable of tokenized batches), or use the data-free recipe 'svd'"
+        )
+    empty = [i for i, b in enumerate(batches) if _no_tokens(b)]
+    if empty:
+        raise ValueError(
+            f"calibration batches {empty[:5]}{' ...' if len(empty) > 5 else ''} hold no tokens "
+            f"({len(empty)} of {len(batches)}): drop empty texts, or cut fewer windows than the text has tokens"
         )
     was_training = model.training
     model.eval()
