@@ -65,7 +65,7 @@ def main() -> None:
     sts_lines = (DATA / "stsb" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     sts_text = "\n".join(c for ln in sts_lines for c in ln.split("\t")[7:9] if c.strip())
     sts = S.windows(ids(sts_text), 16, 512)
-    calib = S.windows(ids("\n".join(sst2_sentences(max(6000, 16 * a.n_calib)))), a.n_calib, 256)
+    calib = S.windows(ids("\n".join(sst2_sentences(max(6000, 32 * a.n_calib)))), a.n_calib, 256)
 
     def score(model) -> tuple[float, float, float]:
         return tuple(round(S.perplexity(model, w), 3) for w in (dev, sts, wiki))
