@@ -61,10 +61,10 @@ def test_default_recipe_by_family(tiny):
 
 
 def test_default_recipe_by_budget(tiny):
-    """Encoders below keep 0.6 get the recipe that measured better there; decoders have one default."""
+    """Encoders below keep 0.75 get the recipe that measured better there; decoders have one default."""
     bert, llama = tiny("bert"), tiny("llama")
-    assert [default_recipe(bert, k).name for k in (0.5, 0.59, 0.6, 0.75, None)] == [
-        "encoder-lean", "encoder-lean", "encoder", "encoder", "encoder",
+    assert [default_recipe(bert, k).name for k in (0.5, 0.6, 0.74, 0.75, 0.9, None)] == [
+        "encoder-lean", "encoder-lean", "encoder-lean", "encoder", "encoder", "encoder",
     ]  # fmt: skip
     assert default_recipe(llama, 0.5).name == "decoder"
     lean = RECIPES["encoder-lean"]
