@@ -10,7 +10,7 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
   (32 heads, d_head 128, ``--prefill``-token cache, rank ``--kernel-rank``) for B in ``--batches``:
   RoPE with explicit key positions (what the runtime passes), RoPE by slot (no positions), no RoPE;
   and dense SDPA over the same cache length.
-* ``host-bert``, ``host-llama``: eager BERT-base B64 forward (``--bert-seqs``; dense and flash-fastest),
+* ``host-bert``, ``host-llama``: eager BERT-base B64 forward (``--bert-seqs``; dense, flash and flash-fastest),
   eager LLaMA ``generate()`` (dense and flash, B=1, ``--prefill``-token prompt, 64 new tokens): host ms per call without a sync, wall ms with one, the
   host-device syncs one call makes (``torch.cuda.set_sync_debug_mode``, with where they come from),
   and ``cProfile``'s top functions.
@@ -225,7 +225,7 @@ def _host_model(label, fn, n, log, top=28):
 
 def profile_host_bert(args, log):
     for seq, name, _, forward in _bert_cases(args):
-        if name in ("dense", "flash-fastest"):
+        if name in ("dense", "flash", "flash-fastest"):
             _host_model(f"bert eager {name} seq={seq}", forward, 20, log)
 
 

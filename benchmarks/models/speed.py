@@ -143,7 +143,7 @@ def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False
     fm.set_backend(model, "flash")
     yield "flash", model, report
     if fastest:
-        fm.set_backend(model, "flash", ffn_policy="fastest")
+        fm.set_backend(model, "flash", policy="fastest")
         yield "flash-fastest", model, report
     del model
 

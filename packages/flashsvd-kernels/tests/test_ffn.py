@@ -451,3 +451,43 @@ def test_unknown_policy_is_a_clear_error():
     f = FFNFactors(torch.randn(8, 2), torch.randn(2, 16), None, torch.randn(16, 2), torch.randn(2, 8), None)
     with pytest.raises(ValueError, match="unknown FFN policy"):
         lowrank_ffn(x, f, policy="fast")
+
+
+def _add_norm_oracle(x, f, activation, w, b, gated):
+    x64 = x.detach().cpu().double()
+    ref = lowrank_gated_ffn_reference if gated else lowrank_ffn_reference
+    s = ref(x64, _f64(f), activation) + x64
+    return torch.nn.functional.layer_norm(s, s.shape[-1:], w.cpu().double(), b.cpu().double(), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("policy", ["balanced", "fastest", "leanest"])
+def test_ffn_add_norm_in_place_matches_float64(backend, gated, policy, monkeypatch):
+    """``x ← LayerNorm(ffn(x) + x)`` chunk by chunk (the threshold 0 makes 37 ragged rows "large")."""
+    from flashsvd.kernels import ffn_policy as fp
+    from flashsvd.kernels import lowrank_ffn_add_norm_
+
+    monkeypatch.setattr(fp, "SMALL_TRANSIENT_BYTES", 0)
+    dtype = torch.float32
+    f = make_gated(48, 100, 24, 33, 5, dtype, bias=True) if gated else make_ffn(48, 100, 24, 33, dtype)
+    act = "swiglu" if gated else "gelu"
+    x = _x(37, 48, dtype, lead=(37,))
+    w, b = torch.rand(48, device=DEVICE) + 0.5, torch.randn(48, device=DEVICE)
+    want = _add_norm_oracle(x, f, act, w, b, gated)
+    y = x.clone()
+    with torch.no_grad():
+        got = lowrank_ffn_add_norm_(y, f, act, w, b, backend=backend, policy=policy)
+    assert got is y
+    assert rel_err(y, want) < 1e-5
+
+
+def test_ffn_add_norm_refuses_autograd_and_strided_inputs():
+    from flashsvd.kernels import lowrank_ffn_add_norm_
+
+    f = make_ffn(8, 16, 2, 2, torch.float32, device="cpu")
+    w, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="no_grad"):
+        lowrank_ffn_add_norm_(torch.randn(3, 8, requires_grad=True), f, "gelu", w, b)
+    with torch.no_grad(), pytest.raises(ValueError, match="contiguous"):
+        lowrank_ffn_add_norm_(torch.randn(8, 3).T, f, "gelu", w, b)

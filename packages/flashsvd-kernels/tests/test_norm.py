@@ -110,3 +110,25 @@ def test_bad_inputs():
         add_layer_norm(x, None, torch.ones(4), None)
     with pytest.raises(ValueError, match="unknown backend"):
         add_layer_norm(x, None, None, None, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_kernel)])
+def test_out_may_be_x_or_a_strided_view(backend):
+    """``out=x`` normalizes in place (rows are read before written); a strided ``out`` gets a copy."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 7, 48, device=DEVICE), torch.randn(2, 7, 48, device=DEVICE)
+    w, b = torch.randn(48, device=DEVICE), torch.randn(48, device=DEVICE)
+    want = _oracle(x, r, w, b, 1e-5)
+    inplace = x.clone()
+    got = add_layer_norm(inplace, r, w, b, backend=backend, out=inplace)
+    assert got.data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    into_residual = r.clone()  # the FFN block's case: the result overwrites the residual rows
+    add_layer_norm(x, into_residual, w, b, backend=backend, out=into_residual)
+    torch.testing.assert_close(into_residual.double(), want, atol=2e-5, rtol=0)
+    wide = torch.zeros(2, 7, 96, device=DEVICE)
+    add_layer_norm(x, r, w, b, backend=backend, out=wide[..., :48])
+    torch.testing.assert_close(wide[..., :48].double(), want, atol=2e-5, rtol=0)
+    assert not wide[..., 48:].any()
+    with pytest.raises(ValueError, match="out must be"):
+        add_layer_norm(x, r, w, b, backend=backend, out=torch.empty(2, 7, 47, device=DEVICE))

@@ -118,21 +118,31 @@ def test_flash_model_captures_in_one_cuda_graph(tiny, make_inputs, kind):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("lean", [False, True], ids=["small", "as-if-large"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_flash_kernels_match_torch_backend_on_cuda(tiny, make_inputs, kind):
+def test_flash_kernels_match_torch_backend_on_cuda(tiny, make_inputs, kind, lean, monkeypatch):
     """On CUDA fp32 every runtime block's Triton kernel (attention, FFN, BERT's fused residual add +
-    LayerNorm, LLaMA's RMSNorm) gives the torch backend's outputs at the valid positions."""
-    from flashsvd.models.runtime import FlashRMSNorm, ResidualNormOutput
+    LayerNorm, LLaMA's RMSNorm) gives the torch backend's outputs at the valid positions; also on
+    the paths of large calls (attention in head groups, BERT's FFN written into its input)."""
+    from flashsvd.models import runtime
+    from flashsvd.models.runtime import AppliedOutput, FlashEmbeddings, FlashRMSNorm
 
-    model, _ = fm.compress(tiny(kind).cuda(), keep_ratio=0.6)
+    if lean:
+        from flashsvd.kernels import ffn_policy
+
+        monkeypatch.setattr(runtime, "SMALL_TRANSIENT_BYTES", 0)
+        monkeypatch.setattr(ffn_policy, "SMALL_TRANSIENT_BYTES", 0)
+
+    model, _ = fm.compress(tiny(kind).cuda(), rank="full")  # full rank: wider than a hidden state
     ids, mask = (t.cuda() for t in make_inputs(kind, seq=16))
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask)[0]
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     fm.set_backend(model, "flash")
-    norm = FlashRMSNorm if kind == "llama" else ResidualNormOutput
+    norm = FlashRMSNorm if kind == "llama" else AppliedOutput  # BERT: the blocks before it normalize
     assert sum(isinstance(m, norm) for m in model.modules()) >= 2
+    assert kind == "llama" or any(isinstance(m, FlashEmbeddings) for m in model.modules())
     with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask)[0]
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     if got.dim() == 3:
         got, ref = got[mask.bool()], ref[mask.bool()]
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)

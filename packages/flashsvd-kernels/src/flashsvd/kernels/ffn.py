@@ -12,12 +12,12 @@ Factor layout follows docs/architecture.md: a dense ``Linear`` with ``W [out, in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from flashsvd.kernels import ffn_policy
+from flashsvd.kernels import ffn_policy, norm
 from flashsvd.kernels._ffn_kernel import ffn_forward_triton
 from flashsvd.kernels._launch import next_power_of_2
 from flashsvd.kernels._triton_compat import resolve_backend
@@ -28,6 +28,7 @@ __all__ = [
     "GATED_ACTIVATIONS",
     "GatedFFNFactors",
     "lowrank_ffn",
+    "lowrank_ffn_add_norm_",
     "lowrank_ffn_reference",
     "lowrank_gated_ffn",
     "lowrank_gated_ffn_reference",
@@ -275,18 +276,27 @@ def _chain_forward(x2d, tensors, activation, gated, chunks: int = 1) -> torch.Te
     return out
 
 
-def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
-    """Fused kernel, plain chain or chunked chain, whichever ``policy`` picks for this shape."""
+def _run_candidate(name, x2d, tensors, activation, gated) -> torch.Tensor:
+    if name == "fused":
+        return _fused(x2d, tensors, activation, gated)
+    return _chain_forward(x2d, tensors, activation, gated, ffn_policy.CHUNKS if name == "chunked" else 1)
+
+
+def _policy_choice(x2d, tensors, activation, gated, policy) -> str:
+    """The candidate ``policy`` picks for ``x2d``'s shape (timed on these inputs the first time)."""
     T, d_ff = x2d.shape[0], tensors[1].shape[1]
     ranks = tuple(t.shape[1] for t in tensors[0::3])
     key = (x2d.dtype, next_power_of_2(T), x2d.shape[1], d_ff, ranks, activation, gated)
+    return ffn_policy.choose(
+        key, policy, lambda name: _run_candidate(name, x2d, tensors, activation, gated), T, d_ff, x2d, gated
+    )
 
-    def run(name):
-        if name == "fused":
-            return _fused(x2d, tensors, activation, gated)
-        return _chain_forward(x2d, tensors, activation, gated, ffn_policy.CHUNKS if name == "chunked" else 1)
 
-    return run(ffn_policy.choose(key, policy, run, T, d_ff, x2d, gated))
+def _policy_forward(x2d, tensors, activation, gated, policy) -> torch.Tensor:
+    """Fused kernel, plain chain or chunked chain, whichever ``policy`` picks for this shape."""
+    return _run_candidate(
+        _policy_choice(x2d, tensors, activation, gated, policy), x2d, tensors, activation, gated
+    )
 
 
 def _reference_2d(x2d, tensors, activation, gated):
@@ -385,3 +395,75 @@ def lowrank_gated_ffn(
     f = factors
     tensors = (f.u_gate, f.v_gate, f.b_gate, f.u_up, f.v_up, f.b_up, f.u_down, f.v_down, f.b_down)
     return _dispatch(x, tensors, activation, True, backend, policy)
+
+
+def lowrank_ffn_add_norm_(
+    x: torch.Tensor,
+    factors: FFNFactors | GatedFFNFactors,
+    activation: str,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+    policy: str = "balanced",
+) -> torch.Tensor:
+    """``x ← LayerNorm(ffn(x) + x)`` in place: a post-LN encoder's whole FFN sublayer (BERT's).
+
+    Why: out of place the sublayer holds its input, the FFN's ``[tokens, d]`` output and the
+    normalized result at once.  Here the FFN runs a token chunk at a time (``ffn_policy.CHUNKS``
+    chunks when its chain activation exceeds ``SMALL_TRANSIENT_BYTES``; one under ``"fastest"``)
+    and each chunk's output is normalized straight into its rows of ``x``: beside ``x`` only one
+    chunk's temporaries exist.  Each chunk runs the fastest implementation (the fused kernel under
+    ``"leanest"``), checked once for the whole call.  ``factors``: :class:`FFNFactors` or
+    :class:`GatedFFNFactors` (gated ``activation``).  Inference only: ``x`` is overwritten, so it
+    must be contiguous and outside any autograd graph.  Returns ``x``.
+    """
+    gated = isinstance(factors, GatedFFNFactors)
+    (_check_gated if gated else _check_ffn)(x, factors, activation)
+    norm._check(x, None, weight, bias)
+    if policy not in ffn_policy.POLICIES:
+        raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
+    tensors = tuple(getattr(factors, f.name) for f in fields(factors))
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *tensors, weight, bias)
+    ):
+        raise ValueError("lowrank_ffn_add_norm_ overwrites x: run it under torch.no_grad() (inference only)")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous: lowrank_ffn_add_norm_ overwrites it row by row")
+    run_ffn = lowrank_gated_ffn if gated else lowrank_ffn
+    if torch.compiler.is_compiling():  # traced: functional ops (the compiler plans the memory)
+        f = run_ffn(x, factors, activation, backend=backend, policy=policy)
+        return x.copy_(norm.add_layer_norm(f, x, weight, bias, eps, backend=backend))
+    rows = x.view(-1, x.shape[-1])
+    T, d_ff = rows.shape[0], tensors[1].shape[1]
+    if T == 0:
+        return x
+    large = ffn_policy.chain_transient(T, d_ff, x.element_size(), gated) > ffn_policy.SMALL_TRANSIENT_BYTES
+    step = -(-T // (ffn_policy.CHUNKS if policy != "fastest" and large else 1))
+    chosen = resolve_backend(backend, x, *[t for t in tensors if t is not None])
+    if chosen != "triton" or x.dtype not in _KERNEL_DTYPES:
+        for start in range(0, T, step):
+            part = rows[start : start + step]
+            f = _reference_2d(part, tensors, activation, gated)
+            norm.add_layer_norm(f, part, weight, bias, eps, backend="torch", out=part)
+        return x
+    kernel_activation = GATED_ACTIVATIONS[activation] if gated else activation
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if backend == "auto" and x.is_cuda:  # one choice for the chunk shape, made (or looked up) once
+        per_chunk = "leanest" if policy == "leanest" else "fastest"
+        first = rows[:step]
+        name = _policy_choice(first, tensors, kernel_activation, gated, per_chunk)
+    else:  # backend="triton": the fused kernel, as asked
+        name = "fused"
+    buf = None if name == "fused" else x.new_empty(step, tensors[-2].shape[1])  # one chunk's output, reused
+    for start in range(0, T, step):
+        part = rows[start : start + step]
+        if buf is None:
+            f = _fused(part, tensors, kernel_activation, gated)
+        else:
+            f = buf[: part.shape[0]]
+            _chain_rows(part, tensors, kernel_activation, gated, f)
+        norm._launch(f, part, weight, bias, eps, False, part)
+    return x

@@ -5,7 +5,7 @@ d_ff]`` activation (transient ≈ the rank-space projections only) but at large 
 the plain chain ``x·u1 → ·v1 → act → ·u2 → ·v2``, whose transient is the whole activation.  A
 token-chunked chain sits between the two: chain speed, transient bounded by one chunk.
 
-Three policies (the user's knob, ``lowrank_ffn(..., policy=...)`` and ``set_backend(..., ffn_policy=...)``):
+Three policies (the user's knob, ``lowrank_ffn(..., policy=...)`` and ``set_backend(..., policy=...)``):
 
 * ``"fastest"``: the quickest of fused, chain and chunked chain;
 * ``"leanest"``: always the fused kernel (least activation memory);

@@ -54,9 +54,11 @@ def _norm_kernel(
     tl.store(Y + r64 * s_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
-def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: float, rms: bool) -> torch.Tensor:
+def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: float, rms: bool,
+            y: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``y`` may be ``x2d`` itself: each program loads its rows whole before it stores them."""
     n, d = x2d.shape
-    y = torch.empty_like(x2d)
+    y = torch.empty_like(x2d) if y is None else y
     if n == 0:
         return y
     block_d = next_power_of_2(d)
@@ -121,21 +123,37 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-def _dispatch(x, residual, weight, bias, eps, rms, backend, reference):
+def _check_out(out, x) -> None:
+    if out is not None and (
+        not isinstance(out, torch.Tensor)
+        or out.shape != x.shape
+        or out.dtype != x.dtype
+        or out.device != x.device
+    ):
+        raise ValueError(f"out must be a {list(x.shape)} {x.dtype} tensor on {x.device} (x itself is fine)")
+
+
+def _dispatch(x, residual, weight, bias, eps, rms, backend, reference, out=None):
     _check(x, residual, weight, bias)
+    _check_out(out, x)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
     chosen = resolve_backend(backend, *tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if chosen == "torch" or needs_grad or x.dtype == torch.float64:
-        return reference()
+        y = reference()
+        return y if out is None else out.copy_(y)
     shape = x.shape
     x2d = _rows(x)
     r2d = None if residual is None else _rows(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if torch.compiler.is_compiling():
-        return _add_norm_op(x2d, r2d, weight, bias, float(eps), rms).view(shape)
-    return _launch(x2d, r2d, weight, bias, eps, rms).view(shape)
+        y = _add_norm_op(x2d, r2d, weight, bias, float(eps), rms).view(shape)
+        return y if out is None else out.copy_(y)
+    # A contiguous ``out`` is written directly (also when it is ``x``: rows are read before written).
+    y2d = out.view(-1, shape[-1]) if out is not None and out.is_contiguous() else None
+    y = _launch(x2d, r2d, weight, bias, eps, rms, y2d).view(shape)
+    return y if out is None or y2d is not None else out.copy_(y)
 
 
 def add_layer_norm(
@@ -146,14 +164,17 @@ def add_layer_norm(
     eps: float = 1e-5,
     *,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``LayerNorm(x + residual)`` over the last dimension (``residual`` may be ``None``).
 
     ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.  With
-    autograd on, the PyTorch ops run (the kernel has no backward).
+    autograd on, the PyTorch ops run (the kernel has no backward).  ``out``: where to write the result
+    (same shape and dtype as ``x``); it may be ``x`` itself, which spares a ``[tokens, d]`` buffer (a
+    post-LN encoder block's peak activation memory).
     """
     return _dispatch(x, residual, weight, bias, eps, False, backend,
-                     lambda: add_layer_norm_reference(x, residual, weight, bias, eps))  # fmt: skip
+                     lambda: add_layer_norm_reference(x, residual, weight, bias, eps), out)  # fmt: skip
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from flashsvd.kernels.ffn_policy import POLICIES
-from flashsvd.models.runtime import FlashFFN, swap_out
+from flashsvd.models.runtime import FlashAttention, FlashFFN, swap_out
 
 __all__ = ["BACKENDS", "get_backend", "set_backend"]
 
@@ -22,15 +22,16 @@ def get_backend(model: nn.Module) -> str:
 
 
 def set_backend(
-    model: nn.Module, backend: str, *, kernel_backend: str = "auto", ffn_policy: str = "balanced"
+    model: nn.Module, backend: str, *, kernel_backend: str = "auto", policy: str = "balanced"
 ) -> list[str]:
     """Switch ``model`` to ``backend``; returns notes about parts that stay on the torch path.
 
     ``kernel_backend`` is passed to the kernels (``"auto"``: Triton on CUDA, reference elsewhere).
-    ``ffn_policy`` picks, per FFN call shape, the fused kernel or the cuBLAS chain: ``"balanced"``
-    (fastest within 1/8 of the chain's activation memory), ``"fastest"`` or ``"leanest"``
-    (:mod:`flashsvd.kernels.ffn_policy`).  Caches built on one backend cannot be continued on the
-    other (start a new one).
+    ``policy`` trades speed for activation memory per call shape: ``"balanced"`` (default; the FFN's
+    fastest implementation within 1/8 of the chain's activation memory, long cache-less attention
+    calls in head groups), ``"fastest"`` or ``"leanest"`` (:mod:`flashsvd.kernels.ffn_policy`,
+    :meth:`flashsvd.models.runtime.FlashAttention.head_groups`).  Caches built on one backend cannot
+    be continued on the other (start a new one).
     """
     from flashsvd.models.adapters import get_adapter
 
@@ -38,12 +39,12 @@ def set_backend(
         raise ValueError(f"unknown backend {backend!r}: choose 'torch' or 'flash'")
     swap_out(model)
     notes: list[str] = []
-    if ffn_policy not in POLICIES:
-        raise ValueError(f"unknown ffn_policy {ffn_policy!r}: choose one of {', '.join(POLICIES)}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
     if backend == "flash":
         notes = get_adapter(model).install_flash(model, backend=kernel_backend)
         for block in model.modules():
-            if isinstance(block, FlashFFN):
-                block.policy = ffn_policy
+            if isinstance(block, (FlashFFN, FlashAttention)):
+                block.policy = policy
     object.__setattr__(model, "_flashsvd_backend", backend)
     return notes

@@ -12,6 +12,8 @@ linear layers replaced by :class:`~flashsvd.models.lowrank.LowRankLinear` (plain
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,14 +22,24 @@ from torch import nn
 
 from flashsvd.kernels.attention import lowrank_attention
 from flashsvd.kernels.attention_decode import lowrank_attention_decode
-from flashsvd.kernels.ffn import FFNFactors, GatedFFNFactors, lowrank_ffn, lowrank_gated_ffn
+from flashsvd.kernels.ffn import (
+    FFNFactors,
+    GatedFFNFactors,
+    lowrank_ffn,
+    lowrank_ffn_add_norm_,
+    lowrank_gated_ffn,
+)
+from flashsvd.kernels.ffn_policy import SMALL_TRANSIENT_BYTES
 from flashsvd.kernels.norm import add_layer_norm, rms_norm
 from flashsvd.models.cache import past_tokens, rank_space_layer
+from flashsvd.models.inplace import inference, mark_owned, may_overwrite, post_norm
 from flashsvd.models.lowrank import LowRankLinear
 
 __all__ = [
+    "AppliedOutput",
     "FlashAttention",
     "FlashBlock",
+    "FlashEmbeddings",
     "FlashFFN",
     "RopeTables",
     "get_module",
@@ -84,6 +96,8 @@ def swap_out(root: nn.Module) -> int:
             setattr(original, name, child)
         for name, param in block.named_parameters(recurse=False):  # e.g. FlashRMSNorm's weight
             setattr(original, name, param)
+        for name, buf in block.named_buffers(recurse=False):  # e.g. FlashEmbeddings' position ids
+            setattr(original, name, buf)
         original.train(block.training)
         set_module(root, path, original)
     return len(blocks)
@@ -217,12 +231,18 @@ class FlashAttention(FlashBlock):
     Args:
         original: the HF attention module (its children are re-registered under the same names).
         q, k, v: paths (relative to ``original``) of the per-head :class:`LowRankLinear` projections.
-        o: path of the output projection, or ``None`` when it lives outside (BERT's ``SelfOutput``).
+        o: path of the output projection, the projection module itself when it lives outside this
+            block (BERT's ``SelfOutput.dense``), or ``None`` to return the heads unprojected.
         post: paths of modules applied after ``o`` in order (e.g. dropout).
+        residual: a post-LN encoder's ``*Output`` module (``dropout``, ``LayerNorm``): the block then
+            returns ``LayerNorm(dropout(o(attn)) + hidden_states)`` itself, in place
+            (:func:`~flashsvd.models.inplace.post_norm`).
         arg_names: names of HF's positional arguments after ``hidden_states``.
         causal: decoder self-attention; ``cache``: store rank-space K/V in HF's cache argument
             (``cache`` since transformers 5.24, ``past_key_values`` before: see :func:`hf_cache`).
         rope: tables provider or ``None``; ``scale``: softmax scale; ``layer_idx``: cache index.
+        policy: ``"fastest"``, ``"balanced"`` or ``"leanest"`` (``set_backend``): the last two run a
+            long cache-less call in head groups (see :meth:`head_groups`).
     """
 
     def __init__(
@@ -232,7 +252,7 @@ class FlashAttention(FlashBlock):
         q: str,
         k: str,
         v: str,
-        o: str | None,
+        o: str | nn.Module | None,
         post: Sequence[str] = (),
         arg_names: Sequence[str] = (),
         causal: bool = False,
@@ -242,9 +262,15 @@ class FlashAttention(FlashBlock):
         layer_idx: int | None = None,
         window: int | None = None,
         backend: str = "auto",
+        residual: nn.Module | None = None,
+        policy: str = "balanced",
     ) -> None:
         super().__init__(original)
-        self._paths = {"q": q, "k": k, "v": v, "o": o}
+        outside = isinstance(o, nn.Module)
+        self._paths = {"q": q, "k": k, "v": v, "o": None if outside else o}
+        # modules of a sibling HF module: used, not registered (the state dict keeps them where they are)
+        object.__setattr__(self, "_o_module", o if outside else None)
+        object.__setattr__(self, "_residual", residual)
         for name in ("q", "k", "v"):
             lin = get_module(self, self._paths[name])
             if not isinstance(lin, LowRankLinear) or not lin.per_head:
@@ -255,7 +281,7 @@ class FlashAttention(FlashBlock):
         self._arg_names = tuple(arg_names)
         self.causal, self.use_cache, self.rope, self.scale = causal, cache, rope, scale
         self.layer_idx, self.kernel_backend = layer_idx, backend
-        self.window = window
+        self.window, self.policy = window, policy
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.window is not None and self._too_long_for_window(hidden_states, kwargs):
@@ -264,12 +290,6 @@ class FlashAttention(FlashBlock):
         kwargs.update(zip(self._arg_names, args))
         q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
         B, M = hidden_states.shape[:2]
-        # One GEMM for the three rank-space projections (x·[u_q | u_k | u_v]).
-        p = hidden_states @ self._fused_u(q, k, v)
-        pq, pk, pv = p.split([q.u.shape[1], k.u.shape[1], v.u.shape[1]], dim=-1)
-        pq = pq.unflatten(-1, (q.n_heads, q.rank))
-        pk = pk.unflatten(-1, (k.n_heads, k.rank))
-        pv = pv.unflatten(-1, (v.n_heads, v.rank))
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
         if cache is not None or self.rope is not None:  # an encoder without RoPE needs no positions
@@ -279,47 +299,110 @@ class FlashAttention(FlashBlock):
                 positions = (torch.arange(M, device=hidden_states.device) + start)[None]
             positions = positions.to(torch.long).expand(B, M)
         key_positions = positions
-        decode = self._use_decode_kernel(cache, M, pq)
-        lengths, mask = None, kwargs.get("attention_mask")
-        if cache is not None:
-            layer = rank_space_layer(cache, self.layer_idx)
-            pk, pv = layer.update(pk, pv, positions=positions)
-            key_positions = layer.positions
-            if layer.static and decode:
-                # Whole buffers, device lengths, fixed launch size: a captured step replays right.
-                store = layer.store
-                pk, pv, key_positions, lengths = store.pk, store.pv, store.positions, store.lengths
-            elif layer.static and mask is not None:
-                mask = mask[..., : pk.shape[1]]  # HF's static mask spans the capacity
-        N = pk.shape[1]
+        groups = self.head_groups(hidden_states, q, k, v) if cache is None else None
+        decode, lengths, mask, N = False, None, kwargs.get("attention_mask"), M
+        if groups is None:
+            # One GEMM for the three rank-space projections (x·[u_q | u_k | u_v]).
+            p = hidden_states @ self._fused_u(q, k, v)
+            pq, pk, pv = p.split([q.u.shape[1], k.u.shape[1], v.u.shape[1]], dim=-1)
+            del p
+            pq = pq.unflatten(-1, (q.n_heads, q.rank))
+            pk = pk.unflatten(-1, (k.n_heads, k.rank))
+            pv = pv.unflatten(-1, (v.n_heads, v.rank))
+            decode = self._use_decode_kernel(cache, M, pq)
+            if cache is not None:
+                layer = rank_space_layer(cache, self.layer_idx)
+                pk, pv = layer.update(pk, pv, positions=positions)
+                key_positions = layer.positions
+                if layer.static and decode:
+                    # Whole buffers, device lengths, fixed launch size: a captured step replays right.
+                    store = layer.store
+                    pk, pv, key_positions, lengths = store.pk, store.pv, store.positions, store.lengths
+                elif layer.static and mask is not None:
+                    mask = mask[..., : pk.shape[1]]  # HF's static mask spans the capacity
+            N = pk.shape[1]
         key_valid = key_valid_from_hf_mask(mask, B, N)
         rope = None
         if self.rope is not None:
             # HF positions never exceed their cache slot (left padding only lowers them), so the key
             # count bounds them without reading positions back from the device.
             rope = self.rope(N, hidden_states)
-        factors = (q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v))
-        rope_kw = dict(
-            rope=rope,
+        kw = dict(
+            key_padding_mask=key_valid, scale=self.scale, backend=self.kernel_backend, rope=rope,
             positions=positions if rope is not None else None,
             key_positions=key_positions if rope is not None else None,
-        )
-        if decode:
-            out = lowrank_attention_decode(
-                pq, (pk, pv), *factors, lengths=lengths, key_padding_mask=key_valid, scale=self.scale,
-                backend=self.kernel_backend, **rope_kw,
-            )  # fmt: skip
+        )  # fmt: skip
+        if groups is not None:
+            out = self._attend_in_groups(hidden_states, groups, q, k, v, kw)
+        elif decode:
+            out = lowrank_attention_decode(pq, (pk, pv), q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
+                                           lengths=lengths, **kw)  # fmt: skip
         else:
-            out = lowrank_attention(
-                pq, pk, pv, *factors, key_padding_mask=key_valid, causal=self.causal, q_offset=N - M,
-                scale=self.scale, backend=self.kernel_backend, **rope_kw,
-            )  # fmt: skip
+            out = lowrank_attention(pq, pk, pv, q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
+                                    causal=self.causal, q_offset=N - M, **kw)  # fmt: skip
+        if groups is None:
+            del pq, pk, pv  # the rank-space projections are dead: the output projection may reuse them
         out = out.reshape(B, M, -1)
-        if self._paths["o"] is not None:
-            out = get_module(self, self._paths["o"])(out)
+        o = self._o_module if self._paths["o"] is None else get_module(self, self._paths["o"])
+        if o is not None:
+            if isinstance(o, LowRankLinear) and not o.per_head and inference(out, o.u):
+                t = o.project(out)
+                del out  # the heads are dead once projected: never alive beside the result
+                out = o.expand(t)
+                del t
+            else:
+                out = o(out)
         for path in self._post:
             out = get_module(self, path)(out)
+        if self._residual is not None:
+            out = post_norm(out, hidden_states, self._residual, self.kernel_backend)
+            mark_owned(out)
         return out, None
+
+    def head_groups(self, x: torch.Tensor, q: LowRankLinear, k: LowRankLinear, v: LowRankLinear):
+        """KV-head ranges ``[(start, stop), ...]`` to attend one at a time, or ``None`` (all at once).
+
+        Why: all heads at once hold the rank-space projections ``[tokens, Hq·rq + Hkv·(rk + rv)]``
+        beside the input and the output; at keep 0.75 they are wider than the hidden state (BERT-base:
+        1,728 vs 768 columns), which makes attention the peak of a whole encoder layer.  Under the
+        ``balanced`` and ``leanest`` policies, an inference call whose projections exceed
+        ``SMALL_TRANSIENT_BYTES`` runs in the fewest groups (whole KV heads with their query heads)
+        whose projections are no wider than the hidden state: a layer then holds at most three hidden
+        states' worth, for three GEMMs and one kernel launch per group instead of one each.
+        """
+        if self.policy == "fastest" or not inference(x, q.u, k.u, v.u):
+            return None
+        hkv = k.n_heads
+        width = (q.n_heads // hkv * q.rank + k.rank + v.rank) * hkv
+        if x.numel() // x.shape[-1] * width * x.element_size() <= SMALL_TRANSIENT_BYTES:
+            return None
+        n = min(hkv, -(-width // x.shape[-1]))
+        if n <= 1:
+            return None
+        bounds = [i * hkv // n for i in range(n + 1)]
+        return list(itertools.pairwise(bounds))
+
+    def _attend_in_groups(self, x, groups, q, k, v, kw) -> torch.Tensor:
+        """Attention one KV-head group at a time, each writing its heads of one output buffer."""
+        B, M = x.shape[:2]
+        (uq, vq, rq, hq), (uk, vk, rk, hk), (uv, vv, rv, _) = (
+            (t.u, t.v, t.rank, t.n_heads) for t in (q, k, v)
+        )
+        bq, bk, bv = _head_bias(q), _head_bias(k), _head_bias(v)
+        gq = hq // hk
+        out = x.new_empty(B, M, hq, vq.shape[2])
+        for k0, k1 in groups:
+            h0, h1 = k0 * gq, k1 * gq
+            pq = (x @ uq[:, h0 * rq : h1 * rq]).unflatten(-1, (h1 - h0, rq))
+            pk = (x @ uk[:, k0 * rk : k1 * rk]).unflatten(-1, (k1 - k0, rk))
+            pv = (x @ uv[:, k0 * rv : k1 * rv]).unflatten(-1, (k1 - k0, rv))
+            lowrank_attention(
+                pq, pk, pv, vq[h0:h1], vk[k0:k1], vv[k0:k1], *(None if b is None else b[s:e]
+                for b, s, e in ((bq, h0, h1), (bk, k0, k1), (bv, k0, k1))),
+                causal=self.causal, q_offset=0, out=out[:, :, h0:h1], **kw,
+            )  # fmt: skip
+            del pq, pk, pv  # before the next group's projections exist
+        return out
 
     def _fused_u(self, q: LowRankLinear, k: LowRankLinear, v: LowRankLinear) -> torch.Tensor:
         """``[u_q | u_k | u_v]`` for one projection GEMM, without a second copy of the factors.
@@ -387,6 +470,11 @@ class FlashFFN(FlashBlock):
         linears: ``{role: module}`` when the layers are not children of ``original``.
         policy: fused kernel vs cuBLAS chain per call shape (:mod:`flashsvd.kernels.ffn_policy`):
             ``"balanced"``, ``"fastest"`` or ``"leanest"``.
+        residual: a post-LN encoder's ``*Output`` module: the block then returns
+            ``LayerNorm(dropout(ffn(x)) + x)`` itself (:func:`~flashsvd.models.inplace.post_norm`).
+        producer: the HF module whose output is this block's input (BERT's ``attention``).  Given,
+            and under the ``balanced``/``leanest`` policies, the block writes its result into its
+            input when :func:`~flashsvd.models.inplace.may_overwrite` allows.
     """
 
     def __init__(
@@ -398,8 +486,12 @@ class FlashFFN(FlashBlock):
         post: Sequence[str] = (),
         backend: str = "auto",
         policy: str = "balanced",
+        residual: nn.Module | None = None,
+        producer: nn.Module | None = None,
     ) -> None:
         super().__init__(original)
+        object.__setattr__(self, "_residual", residual)
+        object.__setattr__(self, "_producer", producer)
         for role, lin in linears.items():
             if not isinstance(lin, LowRankLinear) or lin.per_head:
                 raise TypeError(f"FFN {role} must be a LowRankLinear, got {type(lin).__name__}")
@@ -408,41 +500,106 @@ class FlashFFN(FlashBlock):
         self.policy = policy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = self._residual
+        lean = (
+            res is not None
+            and self.policy != "fastest"
+            and self._producer is not None
+            and not (self.training or self._post)
+        )
+        if lean and may_overwrite(x, self._producer, self):
+            return self._into_input(x, res)
+        out = self._ffn(x)
+        if res is not None:
+            out = post_norm(out, x, res, self.kernel_backend)
+        return out
+
+    def _factors(self) -> FFNFactors | GatedFFNFactors:
         li = self._linears
-        down = li["down"]
+        d, u = li["down"], li["up"]
         if "gate" in li:
-            g, u = li["gate"], li["up"]
-            f = GatedFFNFactors(g.u, g.v, g.bias, u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_gated_ffn(
-                x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy
-            )
-        else:
-            u = li["up"]
-            f = FFNFactors(u.u, u.v, u.bias, down.u, down.v, down.bias)
-            out = lowrank_ffn(x, f, self.kernel_activation, backend=self.kernel_backend, policy=self.policy)
+            g = li["gate"]
+            return GatedFFNFactors(g.u, g.v, g.bias, u.u, u.v, u.bias, d.u, d.v, d.bias)
+        return FFNFactors(u.u, u.v, u.bias, d.u, d.v, d.bias)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        run = lowrank_gated_ffn if "gate" in self._linears else lowrank_ffn
+        out = run(x, self._factors(), self.kernel_activation, backend=self.kernel_backend, policy=self.policy)
         for path in self._post:
             out = get_module(self, path)(out)
         return out
 
+    def _into_input(self, x: torch.Tensor, res: nn.Module) -> torch.Tensor:
+        """``x ← LayerNorm(ffn(x) + x)`` a token chunk at a time (:func:`flashsvd.kernels.lowrank_ffn_add_norm_`):
+        the FFN's output never exists whole, so a layer holds its input, ``x`` and one chunk's temporaries."""
+        ln = res.LayerNorm
+        return lowrank_ffn_add_norm_(x, self._factors(), self.kernel_activation, ln.weight, ln.bias, ln.eps,
+                                     backend=self.kernel_backend, policy=self.policy)  # fmt: skip
+
 
 class ResidualNormOutput(FlashBlock):
     """BERT's ``*Output``: ``LayerNorm(dropout(dense(h)) + input)``, the add and LayerNorm in one kernel
-    (:func:`flashsvd.kernels.add_layer_norm`).
-
-    ``project=False`` after a fused FFN, whose kernel already applied ``dense`` (kept registered: same
-    state dict).  ``SelfOutput`` (after attention) keeps ``project=True``.
+    (:func:`post_norm`), where the block before it runs on the torch path.
     """
 
-    def __init__(self, original: nn.Module, *, project: bool = True, backend: str = "auto") -> None:
+    def __init__(self, original: nn.Module, *, backend: str = "auto") -> None:
         super().__init__(original)
-        self.project, self.kernel_backend = project, backend
+        self.kernel_backend = backend
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        h = self.dense(hidden_states) if self.project else hidden_states
-        ln = self.LayerNorm
-        return add_layer_norm(
-            self.dropout(h), input_tensor, ln.weight, ln.bias, ln.eps, backend=self.kernel_backend
-        )
+        out = post_norm(self.dense(hidden_states), input_tensor, self, self.kernel_backend)
+        mark_owned(out)
+        return out
+
+
+class AppliedOutput(FlashBlock):
+    """BERT's ``*Output`` after a runtime block that already applied it (``residual=``): returns the
+    hidden states unchanged.  Its children stay registered here, so the state dict is the same.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class FlashEmbeddings(FlashBlock):
+    """BERT's embeddings, ``LayerNorm(word + token_type + position)``, normalized into the word lookup.
+
+    Why: HF adds the three lookups out of place and normalizes into a fourth buffer, four hidden
+    states' worth at once: the activation peak of a whole compressed encoder forward once its layers
+    are lean (they hold three).  Here the token-type and position rows are summed into one buffer and
+    :func:`~flashsvd.kernels.add_layer_norm` writes the result over the word embeddings: two.
+    ``inputs_embeds`` (the caller's tensor) and autograd take HF's own forward.  Registers the
+    original's (non-persistent) id buffers under the same names, so ``.to()`` moves them.
+    """
+
+    _IDS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
+
+    def __init__(self, original: nn.Module, *, backend: str = "auto") -> None:
+        super().__init__(original)
+        for name, buf in original.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=False)
+        self._signature = inspect.signature(original.forward)
+        self.kernel_backend = backend
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        a = self._signature.bind(*args, **kwargs).arguments
+        ids, word, ln = a.get("input_ids"), self.word_embeddings, self.LayerNorm
+        if ids is None or a.get("inputs_embeds") is not None or not inference(word.weight):
+            return self.original(*args, **kwargs)
+        past = next((v for k, v in a.items() if k not in self._IDS), 0) or 0  # the cache length, any name
+        B, S = ids.shape
+        pos = a.get("position_ids")
+        if pos is None:
+            pos = self.position_ids[:, past : past + S]
+        types = a.get("token_type_ids")
+        if types is None:  # HF's buffered zeros, gathered as HF does
+            types = torch.gather(self.token_type_ids.expand(pos.shape[0], -1), 1, pos).expand(B, S)
+        rest = self.token_type_embeddings(types)
+        rest += self.position_embeddings(pos)
+        out = word(ids)
+        out = add_layer_norm(out, rest, ln.weight, ln.bias, ln.eps, backend=self.kernel_backend, out=out)
+        del rest
+        return self.dropout(out)
 
 
 class FlashRMSNorm(FlashBlock):
