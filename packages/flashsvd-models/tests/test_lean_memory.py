@@ -173,3 +173,17 @@ def test_bert_embeddings_match_hf(tiny, how):
         got = block(*args, **({} if args else {"input_ids": ids, **kw}))
         want = block.original(*args, **({} if args else {"input_ids": ids, **kw}))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_embeddings_fall_back_to_hf_for_inputs_embeds(tiny):
+    model, _ = fm.compress(tiny("bert"), keep_ratio=0.75)
+    fm.set_backend(model, "flash")
+    block = model.bert.embeddings
+    block.position_ids = block.position_ids.clone()  # what .to(device) does to the block's buffers
+    embeds = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        got = block(inputs_embeds=embeds)  # the caller's tensor: HF's own forward, with our buffers
+        assert block.original.position_ids is block.position_ids
+        fm.set_backend(model, "torch")
+        want = model.bert.embeddings(inputs_embeds=embeds)
+    torch.testing.assert_close(got, want)

@@ -370,8 +370,8 @@ class FlashAttention(FlashBlock):
         whose projections are no wider than the hidden state: a layer then holds at most three hidden
         states' worth, for three GEMMs and one kernel launch per group instead of one each.
         """
-        if self.policy == "fastest" or not inference(x, q.u, k.u, v.u):
-            return None
+        if self.policy == "fastest" or torch.compiler.is_compiling() or not inference(x, q.u, k.u, v.u):
+            return None  # (a compiled graph's memory is the compiler's to plan)
         hkv = k.n_heads
         width = (q.n_heads // hkv * q.rank + k.rank + v.rank) * hkv
         if x.numel() // x.shape[-1] * width * x.element_size() <= SMALL_TRANSIENT_BYTES:
@@ -585,6 +585,8 @@ class FlashEmbeddings(FlashBlock):
         a = self._signature.bind(*args, **kwargs).arguments
         ids, word, ln = a.get("input_ids"), self.word_embeddings, self.LayerNorm
         if ids is None or a.get("inputs_embeds") is not None or not inference(word.weight):
+            for name, buf in self.named_buffers(recurse=False):  # .to() moved ours, not the original's
+                setattr(self.original, name, buf)
             return self.original(*args, **kwargs)
         past = next((v for k, v in a.items() if k not in self._IDS), 0) or 0  # the cache length, any name
         B, S = ids.shape
