@@ -457,6 +457,7 @@ def lowrank_ffn_add_norm_(
         name = _policy_choice(first, tensors, kernel_activation, gated, per_chunk)
     else:  # backend="triton": the fused kernel, as asked
         name = "fused"
+    # The chain (also where "chunked" won: a chunk is already a chunk) writes into one reused buffer.
     buf = None if name == "fused" else x.new_empty(step, tensors[-2].shape[1])  # one chunk's output, reused
     for start in range(0, T, step):
         part = rows[start : start + step]
