@@ -131,7 +131,7 @@ def _rank_summary(report) -> str:
 def compressed_variants(dense, keep: float, multiple: int, fastest: bool = False, kv_rank: int | None = None):
     """Yield ``(name, model, report)``: dense, torch backend, flash backend (one compressed copy).
 
-    The flash backend runs its default FFN policy (``balanced``); ``fastest`` adds ``flash-fastest``.
+    The flash backend runs its default policy (``balanced``); ``fastest`` adds ``flash-fastest``.
     ``kv_rank``: see :func:`aligned_ranks`.
     """
     import flashsvd.models as fm

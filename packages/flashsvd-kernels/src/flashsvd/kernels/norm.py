@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from flashsvd.kernels._attention_checks import check_out
 from flashsvd.kernels._launch import cdiv, launch, next_power_of_2
 from flashsvd.kernels._triton_compat import resolve_backend
 
@@ -123,19 +124,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-def _check_out(out, x) -> None:
-    if out is not None and (
-        not isinstance(out, torch.Tensor)
-        or out.shape != x.shape
-        or out.dtype != x.dtype
-        or out.device != x.device
-    ):
-        raise ValueError(f"out must be a {list(x.shape)} {x.dtype} tensor on {x.device} (x itself is fine)")
-
-
 def _dispatch(x, residual, weight, bias, eps, rms, backend, reference, out=None):
     _check(x, residual, weight, bias)
-    _check_out(out, x)
+    check_out(out, tuple(x.shape), x)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
     chosen = resolve_backend(backend, *tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -221,8 +221,9 @@ class RopeTables:
 
 
 # ---- attention ---------------------------------------------------------------------------------------
-def _head_bias(lin: LowRankLinear) -> torch.Tensor | None:
-    return None if lin.bias is None else lin.bias.view(lin.n_heads, -1)
+def _head_bias(lin: LowRankLinear, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+    """``lin``'s bias as ``[heads, d_head]`` (heads ``start:stop``), or ``None``."""
+    return None if lin.bias is None else lin.bias.view(lin.n_heads, -1)[start:stop]
 
 
 class FlashAttention(FlashBlock):
@@ -388,7 +389,6 @@ class FlashAttention(FlashBlock):
         (uq, vq, rq, hq), (uk, vk, rk, hk), (uv, vv, rv, _) = (
             (t.u, t.v, t.rank, t.n_heads) for t in (q, k, v)
         )
-        bq, bk, bv = _head_bias(q), _head_bias(k), _head_bias(v)
         gq = hq // hk
         out = x.new_empty(B, M, hq, vq.shape[2])
         for k0, k1 in groups:
@@ -397,8 +397,8 @@ class FlashAttention(FlashBlock):
             pk = (x @ uk[:, k0 * rk : k1 * rk]).unflatten(-1, (k1 - k0, rk))
             pv = (x @ uv[:, k0 * rv : k1 * rv]).unflatten(-1, (k1 - k0, rv))
             lowrank_attention(
-                pq, pk, pv, vq[h0:h1], vk[k0:k1], vv[k0:k1], *(None if b is None else b[s:e]
-                for b, s, e in ((bq, h0, h1), (bk, k0, k1), (bv, k0, k1))),
+                pq, pk, pv, vq[h0:h1], vk[k0:k1], vv[k0:k1],
+                _head_bias(q, h0, h1), _head_bias(k, k0, k1), _head_bias(v, k0, k1),
                 causal=self.causal, q_offset=0, out=out[:, :, h0:h1], **kw,
             )  # fmt: skip
             del pq, pk, pv  # before the next group's projections exist
@@ -458,7 +458,7 @@ def _shared_columns(us: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 # ---- FFN ---------------------------------------------------------------------------------------------
 class FlashFFN(FlashBlock):
-    """Whole FFN (``up → act → down``, or gated) in one fused kernel call.
+    """Whole FFN (``up → act → down``, or gated) in one call: the fused kernel or the cuBLAS chain, per policy.
 
     Args:
         original: the HF module replaced (its children are re-registered).
