@@ -14,6 +14,12 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
   eager LLaMA ``generate()`` (dense and flash, B=1, ``--prefill``-token prompt, 64 new tokens): host ms per call without a sync, wall ms with one, the
   host-device syncs one call makes (``torch.cuda.set_sync_debug_mode``, with where they come from),
   and ``cProfile``'s top functions.
+* ``host-layer``: host microseconds (no profiler, synchronized between batches of calls, median) of
+  one BERT-base B64 layer and its sublayers (dense, flash, flash-fastest), of the kernel calls inside
+  it beside their dense counterparts, and a ``cProfile`` of a whole forward in µs per forward.
+* ``eager-ab``: eager BERT-base B64 latency (synchronized) and host time (not) of dense and
+  flash-fastest (two models) measured in alternating rounds, so that neither gets the cold start or a
+  slow stretch of the host alone.
 * ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
   decode kernel (B=1, 8K cache, r=64): host microseconds per call by function.
 
@@ -27,6 +33,7 @@ import collections
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -121,6 +128,18 @@ def profile_bert(args, log):
         log(_table(f"bert forward {name} seq={seq}", kernel_times(fwd), 3))
 
 
+def _cprofile(fn, n: int) -> cProfile.Profile:
+    """``cProfile`` of ``n`` calls of ``fn`` (synchronized before and after)."""
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    return pr
+
+
 def _host_profile(label, fn, n, log):
     for _ in range(20):
         fn()
@@ -129,13 +148,7 @@ def _host_profile(label, fn, n, log):
     for _ in range(n):
         fn()
     host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        fn()
-    pr.disable()
-    torch.cuda.synchronize()
+    pr = _cprofile(fn, n)
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
     log(f"{label}: {host:.1f} us host per call (no sync; cProfile below over {n} calls)")
@@ -227,6 +240,145 @@ def profile_host_bert(args, log):
     for seq, name, _, forward in _bert_cases(args):
         if name in ("dense", "flash", "flash-fastest"):
             _host_model(f"bert eager {name} seq={seq}", forward, 20, log)
+
+
+def _host_us(fn, batches: int = 15, per: int = 10) -> float:
+    """Median host µs per call of ``fn``: batches of ``per`` calls, synchronized between batches so
+    the launch queue never fills (a full queue would make the host wait for the GPU)."""
+    fn()
+    times = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(per):
+            fn()
+        times.append((time.perf_counter() - t0) / per * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _profile_us(fn, n: int, log, top: int = 30) -> None:
+    """``cProfile`` of ``n`` calls of ``fn``, per call: µs own time, µs cumulative, calls."""
+    fn()
+    stats = pstats.Stats(_cprofile(fn, n)).stats
+    total = sum(nc for (_, nc, _, _, _) in stats.values()) / n
+    log(f"  cProfile: {total:.0f} function calls per call; own us, cumulative us, calls per call:")
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (file, line, func), (_, nc, tt, ct, _) in rows:
+        where = f"{Path(file).name}:{line}({func})" if line else func
+        log(f"  {tt / n * 1e6:8.1f} {ct / n * 1e6:8.1f} {nc / n:6.1f}  {where[:100]}")
+
+
+def profile_host_layer(args, log):
+    for seq, name, model, forward in _bert_cases(args):
+        if name in ("dense", "flash", "flash-fastest"):
+            _host_layer_case(seq, name, model, forward, log)
+
+
+def _host_layer_case(seq, name, model, forward, log) -> None:
+    """One ``host-layer`` row group: layer 0 and its sublayers, the whole forward, primitives."""
+    import torch.nn.functional as F
+
+    from flashsvd.kernels import add_layer_norm, lowrank_attention
+    from flashsvd.kernels.attention import prepare_attention
+    from flashsvd.kernels.norm import prepare_add_norm
+
+    layer = model.encoder.layer[0]
+    parts = {"layer": layer, "attention": layer.attention, "intermediate": layer.intermediate}
+    seen: dict = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, kw, n=n: seen.setdefault(n, (a, kw)), with_kwargs=True)
+        for n, m in parts.items()
+    ]
+    forward(1)
+    for h in hooks:  # (a hook on a block turns its in-place path off: removed before timing)
+        h.remove()
+    with torch.no_grad():
+        for part, module in parts.items():
+            a, kw = seen[part]
+            log(f"host {name} seq={seq} {part}: {_host_us(lambda m=module, a=a, kw=kw: m(*a, **kw)):.1f} us")
+    log(f"host {name} seq={seq} whole forward: {_host_us(lambda: forward(1), 7, 3) / 1e3:.2f} ms")
+    if name == "flash-fastest":
+        _profile_us(lambda: forward(1), 10, log)
+    sp = layer.attention.self
+    x = seen["layer"][0][0]
+    if name == "dense":
+        lin = sp.query
+        q = torch.randn(64, 12, seq, 64, device="cuda", dtype=x.dtype)
+        w, b = layer.output.LayerNorm.weight, layer.output.LayerNorm.bias
+        prims = {
+            "nn.Linear module": lambda: lin(x),
+            "F.linear": lambda: F.linear(x, lin.weight, lin.bias),
+            "sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
+            "add + F.layer_norm": lambda: F.layer_norm(x + x, (768,), w, b),
+            "add_layer_norm (ours)": lambda: add_layer_norm(x, x, w, b),
+            "add_layer_norm out=": lambda: add_layer_norm(x, x, w, b, out=x),
+        }
+    elif name == "flash-fastest":
+        qq, kk, vv = sp.query, sp.key, sp.value
+        pq, pk, pv = ((x @ t.u).unflatten(-1, (12, t.rank)) for t in (qq, kk, vv))
+        heads = [t.bias.view(12, -1) for t in (qq, kk, vv)]
+        out = torch.empty(*pq.shape[:3], 64, device="cuda", dtype=x.dtype)
+        with torch.no_grad():
+            lowrank_attention(pq, pk, pv, qq.v, kk.v, vv.v, *heads, out=out)  # compiled and tuned
+            lowrank_attention(pq, pk, pv, qq.v, kk.v, vv.v, *heads, out=out)
+            lowrank_attention(pq, pk, pv, qq.v, kk.v, vv.v, *heads, out=out)
+        attend = prepare_attention(pq, pk, pv, qq.v, kk.v, vv.v, *heads, out=out)
+        x2d = x.view(-1, 768)
+        ln = layer.output.LayerNorm
+        norm = prepare_add_norm(x2d, x2d, ln.weight, ln.bias, ln.eps, x2d)
+        prims = {
+            "x @ u": lambda: x @ qq.u,
+            "lowrank_attention (ours)": lambda: lowrank_attention(pq, pk, pv, qq.v, kk.v, vv.v, *heads),
+        }
+        if attend is not None:
+            prims["attention, prepared (launch plans)"] = lambda: attend(pq, pk, pv, None, out)
+        if norm is not None:
+            prims["add_layer_norm, prepared (launch plans)"] = lambda: norm(x2d, x2d, x2d)
+    else:
+        return
+    with torch.no_grad():
+        for k, fn in prims.items():
+            log(f"host primitive {k}: {_host_us(fn):.1f} us")
+
+
+def _no_grad(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+def profile_eager_ab(args, log, rounds: int = 9, calls: int = 10):
+    import copy
+
+    import speed as sp  # the sibling script: same models and ranks
+
+    import flashsvd.models as fm
+    from flashsvd.models.measure import measure_latency
+
+    dense = sp.bert_base()
+    flash = copy.deepcopy(dense)
+    flash, _ = fm.compress(flash, ranks=sp.aligned_ranks(flash, args.keep, args.multiple), backend="flash")
+    fm.set_backend(flash, "flash", policy="fastest")
+    for seq in args.bert_seqs:
+        ids = torch.randint(0, dense.config.vocab_size, (64, seq), device="cuda")
+        mask = torch.ones_like(ids)
+        fns = {
+            name: (lambda m=m, ids=ids, mask=mask: _no_grad(m, input_ids=ids, attention_mask=mask))
+            for name, m in (("dense", dense), ("flash-fastest", flash))
+        }
+        times: dict = {name: [] for name in fns}
+        hosts: dict = {name: [] for name in fns}
+        for fn in fns.values():
+            measure_latency(fn, warmup=10, repeats=3)  # compile, tune, build plans
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(measure_latency(fn, warmup=2, repeats=calls).median_ms)
+                hosts[name].append(_host_us(fn, batches=3, per=3) / 1e3)
+        for what, got in (("latency", times), ("host", hosts)):
+            med = {name: statistics.median(t) for name, t in got.items()}
+            log(f"eager-ab seq={seq} {what}: " + ", ".join(f"{n} {m:.3f} ms" for n, m in med.items())
+                + f"; flash-fastest / dense {med['flash-fastest'] / med['dense']:.3f}; rounds: "
+                + "; ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in got.items()))  # fmt: skip
 
 
 def profile_host_llama(args, log):
@@ -331,8 +483,9 @@ def main(argv=None) -> int:
             fh.write(text + "\n")
 
     log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
-    jobs = {"host": profile_host, "host-bert": profile_host_bert, "host-llama": profile_host_llama, "decode": profile_decode, "bert": profile_bert,
-            "decode-kernel": profile_decode_kernel}  # fmt: skip
+    jobs = {"host": profile_host, "host-bert": profile_host_bert, "host-llama": profile_host_llama,
+            "host-layer": profile_host_layer, "eager-ab": profile_eager_ab, "decode": profile_decode,
+            "bert": profile_bert, "decode-kernel": profile_decode_kernel}  # fmt: skip
     for name in args.only.split(","):
         jobs[name](args, log)
     return 0

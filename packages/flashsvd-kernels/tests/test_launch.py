@@ -130,3 +130,110 @@ def test_cached_launches_match_the_reference_on_cuda():
         )
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=1e-2)
     assert _launch._COMPILED, "no launch was cached"
+
+
+# ---- prepared launches ---------------------------------------------------------------------------
+class FakeLauncher:
+    """Triton's ``CudaLauncher``: a C ``launch`` taking the scratch buffers, called by ``__call__``."""
+
+    def __init__(self, calls, scratch=0):
+        self.calls, self.global_scratch_size, self.profile_scratch_size = calls, scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, False
+
+    def launch(self, *a):
+        self.calls.append(("c", a))
+
+    def __call__(self, *a):
+        self.calls.append(("call", a))
+
+
+def test_prepared_launch_passes_only_the_live_pointers(fake_device, monkeypatch):
+    monkeypatch.setattr(_launch, "_DIRECT_C_LAUNCH", True)  # (the Triton versions it was tested with)
+    fn = FakeJit()
+    x, y = torch.zeros(8), torch.zeros(8)
+    assert _launch.prepare(fn, (3,), (x, y, 8, 0.5), {"BLOCK": 32}, live=(x, y)) is None  # never launched
+    for _ in range(2):
+        _launch.launch(fn, (3,), x, y, 8, 0.5, BLOCK=32)
+    calls = []
+    key = next(iter(_launch._COMPILED))
+    _launch._COMPILED[key] = (FakeLauncher(calls), "function-handle", "packed", (32,))
+    prepared = _launch.prepare(fn, (3,), (x, y, 8, 0.5), {"BLOCK": 32}, live=(x, y))
+    x2, y2 = torch.zeros(8), torch.zeros(8)
+    prepared(x2, 4096)  # a tensor, or a raw device address
+    kind, args = calls[-1]
+    # the C launcher directly: grid, stream, handle, cooperative/PDL flags, no scratch, metadata, no hooks
+    assert kind == "c" and args[:13] == (3, 1, 1, 1234, "function-handle", False, False, None, None, "packed",
+                                         None, None, None)  # fmt: skip
+    assert args[13] is x2 and args[14:] == (4096, 8, 0.5, 32)
+    assert (
+        prepared._args[0] is None and prepared._args[1] is None
+    )  # the preparing call's tensors are not held
+    _launch._COMPILED[key] = (FakeLauncher(calls, scratch=64), "function-handle", "packed", (32,))
+    _launch.prepare(fn, (3,), (x, y, 8, 0.5), {"BLOCK": 32}, live=(x, y))(x2, y2)
+    assert calls[-1][0] == "call"  # a kernel with scratch memory: the launcher allocates it
+    monkeypatch.setattr(_launch, "_DIRECT_C_LAUNCH", False)  # another Triton: its launcher's own call
+    _launch._COMPILED[key] = (FakeLauncher(calls), "function-handle", "packed", (32,))
+    _launch.prepare(fn, (3,), (x, y, 8, 0.5), {"BLOCK": 32}, live=(x, y))(x2, y2)
+    kind, args = calls[-1]
+    assert kind == "call" and args[:9] == (3, 1, 1, 1234, "function-handle", "packed", None, None, None)
+
+
+needs_kernel = pytest.mark.skipif(
+    not torch.cuda.is_available() and not _launch.interpreter_enabled(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+@needs_kernel
+def test_prepared_kernels_compute_what_the_public_functions_compute():
+    """``prepare_attention`` / ``prepare_add_norm`` / ``prepare_ffn`` (a runtime block's launch plan)
+    on new inputs of the prepared layout give the public functions' outputs exactly."""
+    from flashsvd.kernels import FFNFactors, add_layer_norm, lowrank_attention, lowrank_ffn
+    from flashsvd.kernels.attention import prepare_attention
+    from flashsvd.kernels.ffn import prepare_ffn
+    from flashsvd.kernels.norm import prepare_add_norm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev)
+
+    B, M, H, r, D = 2, 19, 2, 16, 32
+    vq, vk, vv = (rnd(H, r, D, scale=r**-0.5) for _ in range(3))
+    bq, bk, bv = (rnd(H, D) for _ in range(3))
+
+    def inputs():
+        p = rnd(B, M, 3 * H * r)  # one fused projection, split like a runtime block does
+        pq, pk, pv = (t.unflatten(-1, (H, r)) for t in p.split(H * r, -1))
+        mask = torch.rand(B, M, generator=g).to(dev) > 0.3
+        return pq, pk, pv, mask
+
+    pq, pk, pv, mask = inputs()
+    out = torch.empty(B, M, H, D, device=dev)
+    backend = "auto" if dev == "cuda" else "triton"  # (the interpreter on the CPU)
+    kw = dict(key_padding_mask=mask, q_offset=0)
+    for _ in range(3):  # compiled, tuned and remembered
+        lowrank_attention(pq, pk, pv, vq, vk, vv, bq, bk, bv, out=out, backend=backend, **kw)
+    attend = prepare_attention(pq, pk, pv, vq, vk, vv, bq, bk, bv, out=out, **kw)
+    pq, pk, pv, mask = inputs()
+    got = torch.full_like(out, float("nan"))
+    attend(pq, pk, pv, mask.view(torch.uint8), got)
+    want = lowrank_attention(
+        pq, pk, pv, vq, vk, vv, bq, bk, bv, backend=backend, key_padding_mask=mask, q_offset=0
+    )
+    assert torch.equal(got, want)
+
+    x, res, w, b = rnd(37, 96), rnd(37, 96), rnd(96), rnd(96)
+    for _ in range(3):
+        add_layer_norm(x.clone(), res, w, b, 1e-5, out=x.clone(), backend=backend)
+    y = torch.empty_like(x)
+    norm = prepare_add_norm(y, res, w, b, 1e-5, y)
+    y.copy_(x)
+    norm(y, res, y)  # in place, as the plans call it
+    assert torch.equal(y, add_layer_norm(x, res, w, b, 1e-5, backend=backend))
+
+    f = FFNFactors(rnd(96, 16), rnd(16, 64), rnd(64), rnd(64, 24), rnd(24, 96), rnd(96))
+    run = prepare_ffn(x, f, "gelu", backend=backend, policy="fastest")
+    torch.testing.assert_close(run(res), lowrank_ffn(res, f, "gelu", backend=backend, policy="fastest"),
+                               rtol=0, atol=0)  # fmt: skip

@@ -21,11 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import triton
 from triton import knobs
 
 from flashsvd.kernels._triton_compat import interpreter_enabled
 
-__all__ = ["cdiv", "launch", "launch_tuned", "next_power_of_2", "tile_size"]
+__all__ = [
+    "Prepared",
+    "cdiv",
+    "launch",
+    "launch_tuned",
+    "next_power_of_2",
+    "prepare",
+    "prepare_tuned",
+    "prepared_launches",
+    "tile_size",
+]
 
 _BEST: dict[tuple, Any] = {}  # autotune key -> the config the autotuner picked
 _LAST: dict[int, Any] = {}  # per kernel: the config tuned last (the fallback inside a graph capture)
@@ -33,6 +44,8 @@ _COMPILED: dict[tuple, tuple] = {}  # call signature -> (launcher, function, met
 _N_TENSORS: dict[int, int] = {}  # per kernel: how many leading arguments are tensors
 _MAX_SIGNATURES = 4096  # a bound, not a tuning knob: varying shapes must not grow the cache forever
 _DRIVER: list = []  # Triton's (current device, current stream) getters, bound on first use
+#: Triton versions whose ``CudaLauncher.launch`` argument order :class:`Prepared` calls directly
+_DIRECT_C_LAUNCH = triton.__version__.startswith("3.6.")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -159,3 +172,104 @@ def launch_tuned(kernel, key: tuple, grid: Callable[[dict], tuple], *args: Any, 
         _remember(sig, kernel.fn, kernel.fn[grid(cfg.kwargs)](*args, **every), args, every)
         return
     _run(entry, grid(cfg.kwargs), args)
+
+
+# ---- prepared launches: everything fixed but the pointers ------------------------------------------
+def prepared_launches() -> bool:
+    """Whether :class:`Prepared` calls may run now: not under Triton launch hooks (profilers), which
+    only Triton's own path calls.  (Under the interpreter they run through ``fn[grid]``.)"""
+    return not _hooks_installed()
+
+
+class Prepared:
+    """One kernel launch with its grid, compiled kernel and every argument fixed except a few "live"
+    pointer arguments, which each call passes.
+
+    Why: an eager model calls each kernel with the same shapes, strides and dtypes again and again;
+    only the addresses of its activations change.  Building the ~70-argument list, hashing its
+    signature and looking the compiled kernel up cost tens of microseconds of host time per call on
+    a server CPU, more than a small kernel's GPU time.  A prepared call costs the compiled launcher's
+    own C code.  The caller guarantees what preparing assumed: live tensors with the same shapes,
+    strides, dtypes, device and 16-byte alignment as those it was prepared with (a runtime block's
+    launch plan, keyed on its input's layout, does).  Live values are tensors, or on CUDA raw device
+    addresses (``int``).  Under the interpreter a call takes Triton's own path.
+    """
+
+    __slots__ = ("_args", "_fn", "_go", "_grid", "_kwargs", "_slots")
+
+    def __init__(self, entry, fn, grid: tuple, args: tuple, kwargs: dict, live: tuple) -> None:
+        slots = []
+        for i, a in enumerate(args):
+            j = next((j for j, t in enumerate(live) if t is not None and a is t), None)
+            if j is not None:
+                slots.append((i, j))
+        self._slots = tuple(slots)
+        self._args = [None if any(i == s for s, _ in slots) else a for i, a in enumerate(args)]
+        self._fn, self._grid, self._kwargs = fn, grid, kwargs
+        self._go = None if entry is None else self._bind(entry, grid)
+
+    @staticmethod
+    def _bind(entry: tuple, grid: tuple):
+        launcher, function, metadata, tail = entry
+        g0, g1, g2 = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+        get_device, get_stream = _DRIVER
+        c_launch = getattr(launcher, "launch", None)
+        scratch = getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1)
+        # The C launcher's argument order is Triton-internal: called directly only where it was tested.
+        if c_launch is None or scratch or not _DIRECT_C_LAUNCH:  # the launcher's own call
+            head = (function, metadata, None, None, None)
+
+            def go(args: list) -> None:
+                launcher(g0, g1, g2, get_stream(get_device()), *head, *args, *tail)
+
+            return go
+        head = (
+            function,
+            launcher.launch_cooperative_grid,
+            launcher.launch_pdl,
+            None,
+            None,
+            metadata,
+            None,
+            None,
+            None,
+        )
+
+        def go(args: list) -> None:  # CudaLauncher.__call__ without its scratch allocation
+            c_launch(g0, g1, g2, get_stream(get_device()), *head, *args, *tail)
+
+        return go
+
+    def __call__(self, *live) -> None:
+        args = self._args.copy()
+        for i, j in self._slots:
+            args[i] = live[j]
+        if self._go is None:
+            self._fn[self._grid](*args, **self._kwargs)
+        else:
+            self._go(args)
+
+
+def prepare(fn, grid: tuple, args: tuple, kwargs: dict, live: tuple) -> Prepared | None:
+    """:func:`launch`'s call ``fn[grid](*args, **kwargs)`` prepared, with ``live`` (tensors among
+    ``args``, matched by identity) passed per call; ``None`` until that signature has been launched."""
+    if interpreter_enabled():
+        return Prepared(None, fn, grid, args, kwargs, live)
+    sig = _signature((id(fn), grid, tuple(kwargs.items())), args)
+    entry = _COMPILED.get(sig) if sig is not None else None
+    return None if entry is None else Prepared(entry, fn, grid, args, kwargs, live)
+
+
+def prepare_tuned(kernel, key: tuple, grid: Callable[[dict], tuple], args: tuple, kwargs: dict,
+                  live: tuple) -> Prepared | None:  # fmt: skip
+    """:func:`launch_tuned`'s call prepared (see :func:`prepare`); ``None`` until it was tuned and launched."""
+    full_key = (id(kernel), *key)
+    cfg = _BEST.get(full_key)
+    if cfg is None:
+        return None
+    every = {**kwargs, **cfg.all_kwargs()}
+    if interpreter_enabled():
+        return Prepared(None, kernel.fn, grid(cfg.kwargs), args, every, live)
+    sig = _signature((id(kernel.fn), full_key), args)
+    entry = _COMPILED.get(sig) if sig is not None else None
+    return None if entry is None else Prepared(entry, kernel.fn, grid(cfg.kwargs), args, every, live)

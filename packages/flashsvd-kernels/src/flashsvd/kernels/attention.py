@@ -38,11 +38,11 @@ from flashsvd.kernels._attention_checks import (
     check_rope,
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
-from flashsvd.kernels._launch import cdiv, launch_tuned, next_power_of_2, tile_size
+from flashsvd.kernels._launch import Prepared, cdiv, launch_tuned, next_power_of_2, prepare_tuned, tile_size
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, resolve_backend, upcast_dot
 
-__all__ = ["lowrank_attention", "lowrank_attention_reference"]
+__all__ = ["lowrank_attention", "lowrank_attention_reference", "prepare_attention"]
 
 LOG2E = 1.4426950408889634
 
@@ -242,17 +242,12 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
     return list(t.stride()) if t is not None else [0] * n
 
 
-def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> torch.Tensor:
-    """Launch the Triton kernel.  Shapes: see the module docstring; returns ``[B, M, Hq, D]``."""
+def _prefill_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out: torch.Tensor):
+    """``(autotune key, grid, args, kwargs, mask)`` of the kernel launch (``mask``: the uint8 view
+    of the key mask that ``args`` holds, or None)."""
     B, M, Hq, rq = pq.shape
     N, Hkv, rk = pk.shape[1], pk.shape[2], pk.shape[3]
     rv, D = pv.shape[3], vq.shape[2]
-    if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(
-            f"the Triton backend takes float16/bfloat16/float32, got {pq.dtype}; use backend='torch'"
-        )
-    if out is None:
-        out = torch.empty(B, M, Hq, D, dtype=pq.dtype, device=pq.device)
     mask = o.key_padding_mask.view(torch.uint8) if o.key_padding_mask is not None else None
     rope = o.rope is not None
     cos, sin = o.rope if rope else (out, out)
@@ -270,8 +265,7 @@ def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> t
         IEEE=pq.dtype == torch.float32, UPCAST=upcast_dot(pq.dtype),
     )  # fmt: skip
     key = (pq.dtype, _bucket(M), _bucket(N), rq, rk, rv, D, align, *flags.values())
-    launch_tuned(
-        _lowrank_attn_fwd, key, grid,
+    args = (
         pq, pk, pv, vq, vk, vv,
         bq if bq is not None else out, bk if bk is not None else out, bv if bv is not None else out,
         mask if mask is not None else out, cos, sin,
@@ -283,9 +277,38 @@ def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> t
         *out.stride(),
         M, N, Hq, Hq // Hkv, o.q_offset, o.scale * LOG2E,
         _bucket(M), _bucket(N), rq, rk, rv, D, align,
-        **flags,
     )  # fmt: skip
+    return key, grid, args, flags, mask
+
+
+def _launch_prefill(pq, pk, pv, vq, vk, vv, bq, bk, bv, o: _Opts, out=None) -> torch.Tensor:
+    """Launch the Triton kernel.  Shapes: see the module docstring; returns ``[B, M, Hq, D]``."""
+    if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"the Triton backend takes float16/bfloat16/float32, got {pq.dtype}; use backend='torch'"
+        )
+    if out is None:
+        out = torch.empty(*pq.shape[:3], vq.shape[2], dtype=pq.dtype, device=pq.device)
+    key, grid, args, flags, _ = _prefill_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, o, out)
+    launch_tuned(_lowrank_attn_fwd, key, grid, *args, **flags)
     return out
+
+
+def prepare_attention(
+    pq, pk, pv, vq, vk, vv, bq=None, bk=None, bv=None, *, key_padding_mask=None, causal=False, q_offset=None,
+    scale=None, out: torch.Tensor,
+) -> Prepared | None:  # fmt: skip
+    """The launch :func:`lowrank_attention` makes for these arguments (no RoPE), as a :class:`Prepared`
+    call taking ``(pq, pk, pv, key_padding_mask.view(torch.uint8), out)``: the inference hot path of a
+    runtime block's launch plan.  Arguments are checked here, once; calls are not.  ``None`` until
+    :func:`lowrank_attention` has launched (and tuned) this signature on the GPU, or for float64."""
+    dims, opts = _prepare(pq, pk, pv, vq, vk, vv, bq, bk, bv, key_padding_mask, causal, None, None, None,
+                          q_offset, scale)  # fmt: skip
+    check_out(out, (dims.B, dims.M, dims.Hq, dims.D), pq)
+    if out is None or pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    key, grid, args, flags, mask = _prefill_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, opts, out)
+    return prepare_tuned(_lowrank_attn_fwd, key, grid, args, flags, live=(pq, pk, pv, mask, out))
 
 
 @torch.library.custom_op("flashsvd::attention_prefill", mutates_args=())

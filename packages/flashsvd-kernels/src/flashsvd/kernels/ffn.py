@@ -32,6 +32,7 @@ __all__ = [
     "lowrank_ffn_reference",
     "lowrank_gated_ffn",
     "lowrank_gated_ffn_reference",
+    "prepare_ffn",
 ]
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -395,6 +396,38 @@ def lowrank_gated_ffn(
     f = factors
     tensors = (f.u_gate, f.v_gate, f.b_gate, f.u_up, f.v_up, f.b_up, f.u_down, f.v_down, f.b_down)
     return _dispatch(x, tensors, activation, True, backend, policy)
+
+
+def prepare_ffn(
+    x2d: torch.Tensor,
+    factors: FFNFactors | GatedFFNFactors,
+    activation: str,
+    *,
+    backend: str = "auto",
+    policy: str = "balanced",
+):
+    """The inference path :func:`lowrank_ffn` (or :func:`lowrank_gated_ffn`) takes for ``[T, d]`` rows
+    like ``x2d`` on the Triton backend, decided once: a function ``run(rows) -> [T, d_out]`` for rows
+    of that shape, dtype and device (no checks per call; with ``backend="auto"`` the policy's choice for
+    this shape, timed now if it is new).  Used by a runtime block's launch plan; raises what the
+    public functions raise on bad arguments."""
+    gated = isinstance(factors, GatedFFNFactors)
+    (_check_gated if gated else _check_ffn)(x2d, factors, activation)
+    if policy not in ffn_policy.POLICIES:
+        raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
+    tensors = tuple(getattr(factors, f.name) for f in fields(factors))
+    act = GATED_ACTIVATIONS[activation] if gated else activation
+    name = _policy_choice(x2d, tensors, act, gated, policy) if backend == "auto" and x2d.is_cuda else "fused"
+    if name != "chain":
+        return lambda rows: _run_candidate(name, rows, tensors, act, gated)
+    d_out = tensors[-2].shape[1]
+
+    def chain(rows: torch.Tensor) -> torch.Tensor:
+        out = rows.new_empty(rows.shape[0], d_out)
+        _chain_rows(rows, tensors, act, gated, out)
+        return out
+
+    return chain
 
 
 def lowrank_ffn_add_norm_(

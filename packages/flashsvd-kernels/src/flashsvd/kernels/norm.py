@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from flashsvd.kernels._attention_checks import check_out
-from flashsvd.kernels._launch import cdiv, launch, next_power_of_2
+from flashsvd.kernels._launch import Prepared, cdiv, launch, next_power_of_2, prepare
 from flashsvd.kernels._triton_compat import resolve_backend
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "prepare_add_norm", "rms_norm", "rms_norm_reference"]
 
 
 @triton.jit
@@ -55,26 +55,44 @@ def _norm_kernel(
     tl.store(Y + r64 * s_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
-def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: float, rms: bool,
-            y: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """``y`` may be ``x2d`` itself: each program loads its rows whole before it stores them."""
+def _norm_call(x2d, r2d, weight, bias, eps: float, rms: bool, y) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of the kernel launch for non-empty ``[n, d]`` rows."""
     n, d = x2d.shape
-    y = torch.empty_like(x2d) if y is None else y
-    if n == 0:
-        return y
     block_d = next_power_of_2(d)
     rows = max(1, min(16, 4096 // block_d))  # a few rows per program: enough work per launch slot
     dummy = y
-    launch(
-        _norm_kernel, (cdiv(n, rows),),
+    args = (
         x2d, r2d if r2d is not None else dummy, weight if weight is not None else dummy,
         bias if bias is not None else dummy, y, n, d, x2d.stride(0),
         r2d.stride(0) if r2d is not None else 0, y.stride(0), float(eps),
-        HAS_R=r2d is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, ROWS=rows,
-        BLOCK_D=block_d,
-        num_warps=4 if rows * block_d <= 4096 else 8,
     )  # fmt: skip
+    kwargs = dict(
+        HAS_R=r2d is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, ROWS=rows,
+        BLOCK_D=block_d, num_warps=4 if rows * block_d <= 4096 else 8,
+    )  # fmt: skip
+    return (cdiv(n, rows),), args, kwargs
+
+
+def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: float, rms: bool,
+            y: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``y`` may be ``x2d`` itself: each program loads its rows whole before it stores them."""
+    y = torch.empty_like(x2d) if y is None else y
+    if x2d.shape[0] == 0:
+        return y
+    grid, args, kwargs = _norm_call(x2d, r2d, weight, bias, eps, rms, y)
+    launch(_norm_kernel, grid, *args, **kwargs)
     return y
+
+
+def prepare_add_norm(x2d: torch.Tensor, r2d: torch.Tensor | None, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, eps: float, y: torch.Tensor) -> Prepared | None:  # fmt: skip
+    """``y ← LayerNorm(x2d + r2d)`` on ``[n, d]`` rows (unit column stride) as a :class:`Prepared`
+    launch, called with ``(x2d, r2d, y)``; ``y`` may be ``x2d``.  No checks: a runtime block's launch
+    plan calls it with the inputs :func:`add_layer_norm` accepted.  ``None`` until launched once."""
+    if x2d.shape[0] == 0:
+        return None
+    grid, args, kwargs = _norm_call(x2d, r2d, weight, bias, eps, False, y)
+    return prepare(_norm_kernel, grid, args, kwargs, live=(x2d, r2d, y))
 
 
 @torch.library.custom_op("flashsvd::add_norm", mutates_args=())

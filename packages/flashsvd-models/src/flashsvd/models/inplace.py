@@ -20,7 +20,7 @@ from torch.nn.modules import module as nn_module
 
 from flashsvd.kernels.norm import add_layer_norm
 
-__all__ = ["inference", "mark_owned", "may_overwrite", "post_norm"]
+__all__ = ["inference", "mark_owned", "may_overwrite", "observed", "post_norm"]
 
 
 def inference(*tensors: torch.Tensor) -> bool:
@@ -66,10 +66,14 @@ def mark_owned(t: torch.Tensor) -> None:
         _Owned.ref, _Owned.version = weakref.ref(t), _version(t)
 
 
-def _observed(modules: tuple[nn.Module, ...]) -> bool:
+def observed(*modules: nn.Module, subtrees: bool = True) -> bool:
+    """Whether a forward hook could see what ``modules`` compute: a global hook, or one on a module
+    of ``modules`` (and, with ``subtrees``, on any of their submodules).  Runtime paths that skip a
+    module call (or overwrite what it returned) ask this first."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for root in modules for m in root.modules())
+    mods = (m for root in modules for m in root.modules()) if subtrees else modules
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 
 def may_overwrite(x: torch.Tensor, *seen_by: nn.Module) -> bool:
@@ -82,4 +86,4 @@ def may_overwrite(x: torch.Tensor, *seen_by: nn.Module) -> bool:
     ref = _Owned.ref
     if ref is None or ref() is not x or _version(x) != _Owned.version:
         return False
-    return not _observed(seen_by)
+    return not observed(*seen_by)

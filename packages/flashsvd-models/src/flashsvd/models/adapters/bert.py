@@ -9,6 +9,8 @@ normalize in place and free the attention heads as soon as they are projected: a
 most three hidden states' worth of activations.  Where a block stays on the torch path, its
 ``*Output`` still runs the add and LayerNorm as one kernel.  BERT's embeddings (not RoBERTa's, whose
 position ids differ) sum and normalize in place too (:class:`~flashsvd.models.runtime.FlashEmbeddings`).
+A layer whose attention and FFN are both runtime blocks calls them directly, without HF's per-layer
+wrappers (:func:`~flashsvd.models.runtime.call_blocks_directly`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flashsvd.models.runtime import (
     FlashEmbeddings,
     FlashFFN,
     ResidualNormOutput,
+    call_blocks_directly,
     ffn_activation,
     swap_in,
 )
@@ -80,4 +83,7 @@ class BertAdapter(Adapter):
                     f"layer {i} FFN: dense part or activation {cfg.hidden_act!r}, runs on the torch path"
                 )
                 swap_in(model, f"{p}.output", ResidualNormOutput(layer.output, backend=backend))
+            if (isinstance(layer.attention.self, FlashAttention) and isinstance(layer.intermediate, FlashFFN)
+                    and not getattr(layer, "chunk_size_feed_forward", 0)):  # fmt: skip
+                call_blocks_directly(layer)
         return notes

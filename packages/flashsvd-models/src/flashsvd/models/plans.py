@@ -1,0 +1,276 @@
+"""Launch plans: a runtime block's inference forward with every decision made once per input layout.
+
+Why: an eager forward pays host time for every kernel it launches, and on the H200's server CPU a
+flash-backend BERT-base layer spent 996 µs of it (``fastest`` policy, B64 × 128 tokens) where HF's
+dense layer spends 522 µs and the GPU needs about 270 µs: the compressed model was slower than the
+dense one only because of Python (``benchmarks/models/profile_step.py --only host-layer``).  Most of
+that time re-derived the same things on every call: argument checks, the fused ``u`` view, head
+biases, the FFN policy's choice, ~70 kernel arguments and their launch signature, module calls of
+dropouts that are identities in eval.
+
+A plan is made for one input layout (shape, strides, dtype, device, 16-byte alignment, with or
+without a key mask, policy), after the general path has run that layout (its kernels compiled, tuned
+and its checks passed); it holds the block's parameters and :class:`~flashsvd.kernels._launch.Prepared`
+launches, and a call is the GEMMs and launches alone.  It serves inference only: no autograd, eval
+mode, CUDA (or ``kernel_backend="triton"`` under the interpreter), outside ``torch.compile`` and
+Triton launch hooks, without a KV cache or RoPE (decoders take the general path).  Each call first
+checks that the modules and parameters are the very objects at the very addresses the plan holds
+(so ``.to()``, a load with ``assign=True`` or a replaced module rebuild it), and that the dropouts it
+skips are in eval mode without hooks.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from flashsvd.kernels._launch import prepared_launches
+from flashsvd.kernels._triton_compat import interpreter_enabled
+from flashsvd.kernels.attention import prepare_attention
+from flashsvd.kernels.ffn import prepare_ffn
+from flashsvd.kernels.norm import prepare_add_norm
+from flashsvd.models.inplace import mark_owned, observed
+from flashsvd.models.lowrank import LowRankLinear
+
+__all__ = ["attention_forward", "eligible", "ffn_forward"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRIES = 8  # builds tried in a row per layout before the general path keeps it ...
+_RETRY_EVERY = 256  # ... trying again once in this many calls
+
+
+def eligible(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``block``'s call on ``x`` may take a plan (inference on the Triton path, see the module doc)."""
+    if block.training or torch.is_grad_enabled() or block.kernel_backend == "torch":
+        return False
+    if not (x.is_cuda or (block.kernel_backend == "triton" and interpreter_enabled())):
+        return False
+    return not torch.compiler.is_compiling() and prepared_launches()
+
+
+def _quiet(m: nn.Module) -> bool:
+    """A dropout a plan may skip: eval mode and nothing hooked on it (global hooks: :meth:`_Held.valid`)."""
+    return isinstance(m, nn.Dropout) and not (m.training or m._forward_hooks or m._forward_pre_hooks)
+
+
+class _Held:
+    """The modules and parameters a plan was made from, checked by identity and address per call."""
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[dict, str, object]] = []  # (a module's _modules/_parameters, name, object)
+        self.params: list[torch.Tensor] = []
+        self.ptrs: list[int] = []
+        self.dropouts: list[nn.Module] = []
+
+    def module(self, root: nn.Module, path: str) -> nn.Module:
+        """``root``'s submodule at ``path`` (``LookupError`` when missing: no plan)."""
+        m = root
+        for part in path.split(".") if path else ():
+            nxt = m._modules.get(part)
+            if nxt is None:
+                raise LookupError(path)
+            self.slots.append((m._modules, part, nxt))
+            m = nxt
+        return m
+
+    def param(self, m: nn.Module, name: str) -> torch.Tensor | None:
+        p = m._parameters.get(name)
+        self.slots.append((m._parameters, name, p))
+        if p is not None:
+            self.params.append(p)
+        return p
+
+    def dropout(self, m: nn.Module) -> bool:
+        self.dropouts.append(m)
+        return _quiet(m)
+
+    def seal(self) -> None:
+        self.containers = [c for c, _, _ in self.slots]
+        self.names = [n for _, n, _ in self.slots]
+        self.objects = [o for _, _, o in self.slots]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.params))
+
+    def valid(self) -> bool:
+        # map() over C functions: a few microseconds for ~20 lookups and ~14 addresses per call
+        return (
+            all(map(operator.is_, map(dict.get, self.containers, self.names), self.objects))
+            and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs
+            and not observed()
+            and all(map(_quiet, self.dropouts))
+        )
+
+
+def _run(block: nn.Module, key: tuple, build, *args) -> torch.Tensor | None:
+    """The plan for ``key`` (built by ``build(*args)`` when missing or stale) run on ``args``; None:
+    take the general path."""
+    plans = block.__dict__.setdefault("_flashsvd_plans", {})
+    plan = plans.get(key)
+    if plan is None or not plan.held.valid():
+        tries = block.__dict__.setdefault("_flashsvd_plan_tries", {})
+        n = tries.get(key, 0)
+        if n >= _TRIES and n % _RETRY_EVERY:  # given up for now; tried again now and then (a hook may go)
+            tries[key] = n + 1
+            return None
+        try:
+            plan = build(*args)
+        except LookupError:  # a module the plan needs is not where the block expects it
+            plan = None
+        if plan is None:
+            tries[key] = n + 1
+            return None
+        tries.pop(key, None)
+        if len(plans) >= 64:  # layouts vary (sequence lengths): keep the newest few
+            plans.clear()
+        plans[key] = plan
+    return plan(*args)
+
+
+def _residual_norm(held: _Held, res: nn.Module, x2d: torch.Tensor, width: int):
+    """``h ← res.LayerNorm(h + x2d)`` for a post-LN encoder's ``*Output`` ``res`` as a prepared launch
+    taking ``(h, x2d, h)`` (``h``: ``[rows, width]``), or None (its dropout cannot be skipped, its norm
+    is not a LayerNorm, or the launch has not run yet)."""
+    ln = held.module(res, "LayerNorm")
+    if not held.dropout(held.module(res, "dropout")) or not isinstance(ln, nn.LayerNorm):
+        return None
+    w, b = held.param(ln, "weight"), held.param(ln, "bias")
+    h = torch.empty(x2d.shape[0], width, dtype=x2d.dtype, device=x2d.device)
+    return prepare_add_norm(h, x2d, w, b, ln.eps, h)
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+
+
+# ---- attention -------------------------------------------------------------------------------------
+class _AttentionPlan:
+    """``FlashAttention`` without cache or RoPE: one GEMM into rank space, the prepared attention
+    launch, the low-rank output projection, then (post-LN encoders) the prepared residual LayerNorm."""
+
+    def __init__(self, block, x: torch.Tensor, key_valid: torch.Tensor | None) -> None:
+        self.ok = False
+        held = self.held = _Held()
+        q, k, v = (held.module(block, block._paths[n]) for n in ("q", "k", "v"))
+        o = block._o_module if block._paths["o"] is None else held.module(block, block._paths["o"])
+        if o is not None and not (isinstance(o, LowRankLinear) and not o.per_head):
+            return
+        if not x.is_contiguous() or any(not held.dropout(held.module(block, p)) for p in block._post):
+            return
+        if block.policy != "fastest" and block.head_groups(x, q, k, v) is not None:
+            return  # head groups: the general path's memory-bounded loop
+        for lin in (q, k, v):
+            for name in ("u", "v", "bias"):
+                held.param(lin, name)
+        if o is not None:
+            for name in ("u", "v", "bias"):
+                held.param(o, name)
+        if x.dtype not in _KERNEL_DTYPES:
+            return
+        B, M, d = x.shape
+        fused = block._fused_u(q, k, v)
+        self.fused, self.widths = fused, [q.u.shape[1], k.u.shape[1], v.u.shape[1]]
+        p = torch.empty(B, M, fused.shape[1], dtype=x.dtype, device=x.device)
+        pq, pk, pv = (
+            t.unflatten(-1, (lin.n_heads, lin.rank)) for t, lin in zip(p.split(self.widths, -1), (q, k, v))
+        )
+        self.heads_width = q.n_heads * q.v.shape[2]
+        heads = torch.empty(B * M, self.heads_width, dtype=x.dtype, device=x.device)
+        biases = [None if lin.bias is None else lin.bias.view(lin.n_heads, -1) for lin in (q, k, v)]
+        self.attend = prepare_attention(
+            pq, pk, pv, q.v, k.v, v.v, *biases, key_padding_mask=key_valid, causal=block.causal,
+            q_offset=0, scale=block.scale, out=heads.view(B, M, q.n_heads, -1),
+        )  # fmt: skip
+        if self.attend is None:
+            return
+        self.o = None if o is None else (o.u, o.v, o.bias)
+        self.shape = (B, M, d)
+        self.norm = None
+        if block._residual is not None:
+            self.norm = _residual_norm(held, block._residual, x.view(-1, d), d)
+            if self.norm is None:
+                return
+        held.seal()
+        self.ok = True
+
+    def __call__(self, x: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        p = x @ self.fused
+        pq, pk, pv = p.split_with_sizes(self.widths, -1)
+        B, M, d = self.shape
+        out = x.new_empty(B * M, self.heads_width)
+        self.attend(pq, pk, pv, None if key_valid is None else key_valid.view(torch.uint8), out)
+        del p, pq, pk, pv
+        if self.o is not None:
+            u, v, bias = self.o
+            t = out @ u
+            del out  # the heads are dead once projected
+            out = t @ v if bias is None else torch.addmm(bias, t, v)
+            del t
+        if self.norm is not None:
+            self.norm(out, x.view(-1, d), out)
+            out = out.view(B, M, d)
+            mark_owned(out)
+            return out
+        return out.view(B, M, -1)
+
+
+def attention_forward(block, x: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+    """``block``'s (a cache-less ``FlashAttention`` without RoPE) output on ``x`` through its plan,
+    or None (take the general path)."""
+    key = (*_layout(x), key_valid is None, block.policy)
+
+    def build(x, key_valid):
+        plan = _AttentionPlan(block, x, key_valid)
+        return plan if plan.ok else None
+
+    return _run(block, key, build, x, key_valid)
+
+
+# ---- FFN ---------------------------------------------------------------------------------------------
+class _FFNPlan:
+    """``FlashFFN`` out of place: the FFN as :func:`~flashsvd.kernels.ffn.prepare_ffn` decided it
+    (the policy's choice made once), then the prepared residual LayerNorm of a post-LN encoder."""
+
+    def __init__(self, block, x: torch.Tensor) -> None:
+        self.ok = False
+        held = self.held = _Held()
+        if x.dtype not in _KERNEL_DTYPES or not x.is_contiguous():
+            return
+        if any(not held.dropout(held.module(block, p)) for p in block._post):
+            return
+        li = block._linears
+        for role in ("gate", "up", "down"):
+            if role in li:
+                for name in ("u", "v", "bias"):
+                    held.param(li[role], name)
+        d = x.shape[-1]
+        x2d = x.view(-1, d)
+        self.ffn = prepare_ffn(x2d, block._factors(), block.kernel_activation, backend=block.kernel_backend,
+                               policy=block.policy)  # fmt: skip
+        d_out = li["down"].out_features
+        self.lead = x.shape[:-1]
+        self.norm = None
+        if block._residual is not None:
+            self.norm = _residual_norm(held, block._residual, x2d, d_out)
+            if self.norm is None:
+                return
+        held.seal()
+        self.ok = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.view(-1, x.shape[-1])
+        out = self.ffn(x2d)
+        if self.norm is not None:
+            self.norm(out, x2d, out)
+        return out.view(*self.lead, -1)
+
+
+def ffn_forward(block, x: torch.Tensor) -> torch.Tensor | None:
+    """``block``'s (``FlashFFN``, out of place) output on ``x`` through its plan, or None."""
+    key = (*_layout(x), block.policy)
+
+    def build(x):
+        plan = _FFNPlan(block, x)
+        return plan if plan.ok else None
+
+    return _run(block, key, build, x)

@@ -1,0 +1,87 @@
+"""Run by ``test_plans.py`` in a process with ``TRITON_INTERPRET=1`` (Triton decides interpreting at
+import): a flash BERT on the CPU through the kernels' interpreter, with and without launch plans.
+Prints one JSON object of findings."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers as T
+from torch import nn
+
+import flashsvd.models as fm
+from flashsvd.models import plans
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    cfg = T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       vocab_size=100)  # fmt: skip
+    model, _ = fm.compress(T.BertModel(cfg).eval(), keep_ratio=0.75, calibration=None)
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    used = {"attention": 0, "ffn": 0}
+    attention_forward, ffn_forward = plans.attention_forward, plans.ffn_forward
+
+    def counted(name, fn):
+        def run(*args):
+            out = fn(*args)
+            used[name] += out is not None
+            return out
+
+        return run
+
+    plans.attention_forward = counted("attention", attention_forward)
+    plans.ffn_forward = counted("ffn", ffn_forward)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def general() -> torch.Tensor:
+        eligible, plans.eligible = plans.eligible, lambda *a: False
+        try:
+            return forward()
+        finally:
+            plans.eligible = eligible
+
+    found: dict = {}
+    for policy in ("fastest", "balanced"):
+        fm.set_backend(model, "flash", kernel_backend="triton", policy=policy)
+        outs = [forward() for _ in range(3)]
+        found[policy] = {"used": dict(used), "equal": [torch.equal(o, general()) for o in outs]}
+        used.update(attention=0, ffn=0)
+
+    layer = model.encoder.layer[0]
+    query = layer.attention.self.query
+    query.bias = nn.Parameter(query.bias.detach() + 1.0)  # a new parameter object: the plan rebuilds
+    after = forward()
+    found["new_bias"] = {"used": dict(used), "equal": torch.equal(after, general()),
+                         "changed": not torch.equal(after, outs[-1])}  # fmt: skip
+    used.update(attention=0, ffn=0)
+
+    fired = []
+    hook = layer.attention.output.dropout.register_forward_hook(lambda *a: fired.append(1))
+    forward()
+    hook.remove()
+    found["hooked_dropout"] = {"used": dict(used), "fired": len(fired)}
+    used.update(attention=0, ffn=0)
+
+    with torch.enable_grad():
+        model(input_ids=ids, attention_mask=mask)
+    found["grad"] = {"used": dict(used)}
+    used.update(attention=0, ffn=0)
+
+    # DistilBERT: the output projection inside the attention block, a dropout after the FFN
+    cfg = T.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=100)
+    model, _ = fm.compress(T.DistilBertModel(cfg).eval(), keep_ratio=0.75, calibration=None)
+    fm.set_backend(model, "flash", kernel_backend="triton", policy="fastest")
+    outs = [forward() for _ in range(3)]
+    found["distilbert"] = {"used": dict(used), "equal": [torch.equal(o, general()) for o in outs]}
+    print(json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
