@@ -8,8 +8,8 @@ that time re-derived the same things on every call: argument checks, the fused `
 biases, the FFN policy's choice, ~70 kernel arguments and their launch signature, module calls of
 dropouts that are identities in eval.
 
-A plan is made for one input layout (shape, strides, dtype, device, 16-byte alignment, with or
-without a key mask, policy), after the general path has run that layout (its kernels compiled, tuned
+A plan is made for one input layout (shape, strides, dtype, device and 16-byte alignment of the
+input and of the key mask, if any) and the block's settings (policy, activation, scale, causal), after the general path has run that layout (its kernels compiled, tuned
 and its checks passed); it holds the block's parameters and :class:`~flashsvd.kernels._launch.Prepared`
 launches, and a call is the GEMMs and launches alone.  It serves inference only: no autograd, eval
 mode, CUDA (or ``kernel_backend="triton"`` under the interpreter), outside ``torch.compile`` and
@@ -217,7 +217,9 @@ class _AttentionPlan:
 def attention_forward(block, x: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor | None:
     """``block``'s (a cache-less ``FlashAttention`` without RoPE) output on ``x`` through its plan,
     or None (take the general path)."""
-    key = (*_layout(x), key_valid is None, block.policy)
+    # the mask's alignment too: a caller's own bool mask may be an offset view (compiled kernels assume it)
+    mask = None if key_valid is None else (key_valid.shape, key_valid.stride(), key_valid.data_ptr() & 15)
+    key = (*_layout(x), mask, block.policy, block.causal, block.scale, block.kernel_backend)
 
     def build(x, key_valid):
         plan = _AttentionPlan(block, x, key_valid)
@@ -267,7 +269,7 @@ class _FFNPlan:
 
 def ffn_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     """``block``'s (``FlashFFN``, out of place) output on ``x`` through its plan, or None."""
-    key = (*_layout(x), block.policy)
+    key = (*_layout(x), block.policy, block.kernel_activation, block.kernel_backend)
 
     def build(x):
         plan = _FFNPlan(block, x)
