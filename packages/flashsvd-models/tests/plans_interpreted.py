@@ -69,6 +69,15 @@ def main() -> None:
     found["hooked_dropout"] = {"used": dict(used), "fired": len(fired)}
     used.update(attention=0, ffn=0)
 
+    dropouts = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, *a: dropouts.append(1) if isinstance(m, nn.Dropout) else None
+    )
+    forward()
+    hook.remove()
+    found["global_hook"] = {"used": dict(used), "dropouts_seen": len(dropouts) > 0}
+    used.update(attention=0, ffn=0)
+
     with torch.enable_grad():
         model(input_ids=ids, attention_mask=mask)
     found["grad"] = {"used": dict(used)}

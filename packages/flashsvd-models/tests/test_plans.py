@@ -35,6 +35,8 @@ def test_plans_match_the_general_path_under_the_interpreter():
     assert found["new_bias"] == {"used": {"attention": 2, "ffn": 0}, "equal": True, "changed": True}
     # a hook on a dropout a plan would skip: that layer's attention takes the general path, the hook fires
     assert found["hooked_dropout"] == {"used": {"attention": 1, "ffn": 1}, "fired": 1}
+    # a global hook sees every module call: no plan skips a dropout under it
+    assert found["global_hook"] == {"used": {"attention": 0, "ffn": 0}, "dropouts_seen": True}
     assert found["grad"] == {"used": {"attention": 0, "ffn": 0}}
     distil = found["distilbert"]  # (its attention signature may already be tuned by BERT's calls)
     assert distil["used"]["attention"] >= 5 and distil["used"]["ffn"] == 6 and all(distil["equal"])
@@ -144,11 +146,13 @@ def test_a_layout_without_a_plan_is_tried_again_now_and_then():
     block = torch.nn.Module()
     builds = []
     for _ in range(300):
-        assert plans._run(block, ("layout",), lambda x: builds.append(x), 0) is None
+        assert plans._run(block, ("layout",), lambda block, x: builds.append(x), 0) is None
     assert len(builds) == plans._TRIES + 1  # the 8 in a row, then once at the 256th skipped call
 
 
 class _Plan:
+    ok = True
+
     class held:  # what _run checks: the plan's modules and parameters
         @staticmethod
         def valid():
@@ -160,7 +164,7 @@ class _Plan:
 
 def test_a_built_plan_runs_and_resets_the_count():
     block = torch.nn.Module()
-    assert plans._run(block, ("layout",), lambda x: None, 0) is None
-    assert plans._run(block, ("layout",), lambda x: _Plan(), 1) == 2
-    assert plans._run(block, ("layout",), lambda x: None, 5) == 6  # no rebuild while valid
+    assert plans._run(block, ("layout",), lambda block, x: None, 0) is None
+    assert plans._run(block, ("layout",), lambda block, x: _Plan(), 1) == 2
+    assert plans._run(block, ("layout",), lambda block, x: None, 5) == 6  # no rebuild while valid
     assert block.__dict__["_flashsvd_plan_tries"] == {}

@@ -204,7 +204,8 @@ class Prepared:
             if j is not None:
                 slots.append((i, j))
         self._slots = tuple(slots)
-        self._args = [None if any(i == s for s, _ in slots) else a for i, a in enumerate(args)]
+        live_at = {i for i, _ in slots}  # (not held: the preparing call's activations)
+        self._args = [None if i in live_at else a for i, a in enumerate(args)]
         self._fn, self._grid, self._kwargs = fn, grid, kwargs
         self._go = None if entry is None else self._bind(entry, grid)
 

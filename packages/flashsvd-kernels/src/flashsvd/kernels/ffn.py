@@ -272,6 +272,9 @@ def _chain_forward(x2d, tensors, activation, gated, chunks: int = 1) -> torch.Te
     T = x2d.shape[0]
     out = x2d.new_empty(T, tensors[-2].shape[1])
     step = max(1, -(-T // chunks))
+    if 0 < T <= step:  # one chunk: the rows themselves (two slicing ops fewer on an eager hot path)
+        _chain_rows(x2d, tensors, activation, gated, out)
+        return out
     for s in range(0, T, step):
         _chain_rows(x2d[s : s + step], tensors, activation, gated, out[s : s + step])
     return out
@@ -334,9 +337,22 @@ class _LowRankFFNFunction(torch.autograd.Function):
         return (result[0], None, None, *result[1:])
 
 
-def _dispatch(x, tensors, activation, gated, backend, policy="balanced"):
+def _check_policy(policy: str) -> None:
     if policy not in ffn_policy.POLICIES:
         raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
+
+
+def _checked_factors(x, factors, activation: str, policy: str) -> tuple[bool, tuple]:
+    """``(gated, factor tensors in field order)`` once ``x``, ``factors``, ``activation`` and ``policy``
+    passed the checks of :func:`lowrank_ffn` / :func:`lowrank_gated_ffn`."""
+    gated = isinstance(factors, GatedFFNFactors)
+    (_check_gated if gated else _check_ffn)(x, factors, activation)
+    _check_policy(policy)
+    return gated, tuple(getattr(factors, f.name) for f in fields(factors))
+
+
+def _dispatch(x, tensors, activation, gated, backend, policy="balanced"):
+    _check_policy(policy)
     requested = backend
     backend = resolve_backend(backend, x, *tensors)
     if backend == "triton" and x.dtype not in _KERNEL_DTYPES:
@@ -411,23 +427,10 @@ def prepare_ffn(
     of that shape, dtype and device (no checks per call; with ``backend="auto"`` the policy's choice for
     this shape, timed now if it is new).  Used by a runtime block's launch plan; raises what the
     public functions raise on bad arguments."""
-    gated = isinstance(factors, GatedFFNFactors)
-    (_check_gated if gated else _check_ffn)(x2d, factors, activation)
-    if policy not in ffn_policy.POLICIES:
-        raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
-    tensors = tuple(getattr(factors, f.name) for f in fields(factors))
+    gated, tensors = _checked_factors(x2d, factors, activation, policy)
     act = GATED_ACTIVATIONS[activation] if gated else activation
     name = _policy_choice(x2d, tensors, act, gated, policy) if backend == "auto" and x2d.is_cuda else "fused"
-    if name != "chain":
-        return lambda rows: _run_candidate(name, rows, tensors, act, gated)
-    d_out = tensors[-2].shape[1]
-
-    def chain(rows: torch.Tensor) -> torch.Tensor:
-        out = rows.new_empty(rows.shape[0], d_out)
-        _chain_rows(rows, tensors, act, gated, out)
-        return out
-
-    return chain
+    return lambda rows: _run_candidate(name, rows, tensors, act, gated)
 
 
 def lowrank_ffn_add_norm_(
@@ -452,12 +455,8 @@ def lowrank_ffn_add_norm_(
     :class:`GatedFFNFactors` (gated ``activation``).  Inference only: ``x`` is overwritten, so it
     must be contiguous and outside any autograd graph.  Returns ``x``.
     """
-    gated = isinstance(factors, GatedFFNFactors)
-    (_check_gated if gated else _check_ffn)(x, factors, activation)
+    gated, tensors = _checked_factors(x, factors, activation, policy)
     norm._check(x, None, weight, bias)
-    if policy not in ffn_policy.POLICIES:
-        raise ValueError(f"unknown FFN policy {policy!r}: choose one of {', '.join(ffn_policy.POLICIES)}")
-    tensors = tuple(getattr(factors, f.name) for f in fields(factors))
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *tensors, weight, bias)
     ):

@@ -131,6 +131,10 @@ class LowRankLinear(nn.Module):
         heads = f", heads={self.n_heads}" if self.per_head else ""
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{heads}, bias={self.bias is not None}"
 
+    def head_bias(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """A per-head projection's bias as ``[heads, d_head]`` (heads ``start:stop``), or ``None``."""
+        return None if self.bias is None else self.bias.view(self.n_heads, -1)[start:stop]
+
     # ---- compute ---------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The rank-space projection ``P = x·u`` (``[..., r]`` or ``[..., H·r]``)."""

@@ -51,8 +51,8 @@ def eligible(block: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _quiet(m: nn.Module) -> bool:
-    """A dropout a plan may skip: eval mode and nothing hooked on it (global hooks: :meth:`_Held.valid`)."""
-    return isinstance(m, nn.Dropout) and not (m.training or m._forward_hooks or m._forward_pre_hooks)
+    """A dropout a plan may skip: eval mode and no hook (its own or a global one) to see it."""
+    return isinstance(m, nn.Dropout) and not m.training and not observed(m, subtrees=False)
 
 
 class _Held:
@@ -82,6 +82,10 @@ class _Held:
             self.params.append(p)
         return p
 
+    def linear(self, lin: LowRankLinear) -> None:
+        for name in ("u", "v", "bias"):
+            self.param(lin, name)
+
     def dropout(self, m: nn.Module) -> bool:
         self.dropouts.append(m)
         return _quiet(m)
@@ -97,13 +101,12 @@ class _Held:
         return (
             all(map(operator.is_, map(dict.get, self.containers, self.names), self.objects))
             and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs
-            and not observed()
             and all(map(_quiet, self.dropouts))
         )
 
 
-def _run(block: nn.Module, key: tuple, build, *args) -> torch.Tensor | None:
-    """The plan for ``key`` (built by ``build(*args)`` when missing or stale) run on ``args``; None:
+def _run(block: nn.Module, key: tuple, kind, *args) -> torch.Tensor | None:
+    """The plan for ``key`` (``kind(block, *args)``, made when missing or stale) run on ``args``; None:
     take the general path."""
     plans = block.__dict__.setdefault("_flashsvd_plans", {})
     plan = plans.get(key)
@@ -114,10 +117,10 @@ def _run(block: nn.Module, key: tuple, build, *args) -> torch.Tensor | None:
             tries[key] = n + 1
             return None
         try:
-            plan = build(*args)
+            plan = kind(block, *args)
         except LookupError:  # a module the plan needs is not where the block expects it
             plan = None
-        if plan is None:
+        if plan is None or not plan.ok:
             tries[key] = n + 1
             return None
         tries.pop(key, None)
@@ -159,12 +162,8 @@ class _AttentionPlan:
             return
         if block.policy != "fastest" and block.head_groups(x, q, k, v) is not None:
             return  # head groups: the general path's memory-bounded loop
-        for lin in (q, k, v):
-            for name in ("u", "v", "bias"):
-                held.param(lin, name)
-        if o is not None:
-            for name in ("u", "v", "bias"):
-                held.param(o, name)
+        for lin in (q, k, v) if o is None else (q, k, v, o):
+            held.linear(lin)
         if x.dtype not in _KERNEL_DTYPES:
             return
         B, M, d = x.shape
@@ -176,7 +175,7 @@ class _AttentionPlan:
         )
         self.heads_width = q.n_heads * q.v.shape[2]
         heads = torch.empty(B * M, self.heads_width, dtype=x.dtype, device=x.device)
-        biases = [None if lin.bias is None else lin.bias.view(lin.n_heads, -1) for lin in (q, k, v)]
+        biases = [lin.head_bias() for lin in (q, k, v)]
         self.attend = prepare_attention(
             pq, pk, pv, q.v, k.v, v.v, *biases, key_padding_mask=key_valid, causal=block.causal,
             q_offset=0, scale=block.scale, out=heads.view(B, M, q.n_heads, -1),
@@ -220,12 +219,7 @@ def attention_forward(block, x: torch.Tensor, key_valid: torch.Tensor | None) ->
     # the mask's alignment too: a caller's own bool mask may be an offset view (compiled kernels assume it)
     mask = None if key_valid is None else (key_valid.shape, key_valid.stride(), key_valid.data_ptr() & 15)
     key = (*_layout(x), mask, block.policy, block.causal, block.scale, block.kernel_backend)
-
-    def build(x, key_valid):
-        plan = _AttentionPlan(block, x, key_valid)
-        return plan if plan.ok else None
-
-    return _run(block, key, build, x, key_valid)
+    return _run(block, key, _AttentionPlan, x, key_valid)
 
 
 # ---- FFN ---------------------------------------------------------------------------------------------
@@ -243,8 +237,7 @@ class _FFNPlan:
         li = block._linears
         for role in ("gate", "up", "down"):
             if role in li:
-                for name in ("u", "v", "bias"):
-                    held.param(li[role], name)
+                held.linear(li[role])
         d = x.shape[-1]
         x2d = x.view(-1, d)
         self.ffn = prepare_ffn(x2d, block._factors(), block.kernel_activation, backend=block.kernel_backend,
@@ -270,9 +263,4 @@ class _FFNPlan:
 def ffn_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     """``block``'s (``FlashFFN``, out of place) output on ``x`` through its plan, or None."""
     key = (*_layout(x), block.policy, block.kernel_activation, block.kernel_backend)
-
-    def build(x):
-        plan = _FFNPlan(block, x)
-        return plan if plan.ok else None
-
-    return _run(block, key, build, x)
+    return _run(block, key, _FFNPlan, x)

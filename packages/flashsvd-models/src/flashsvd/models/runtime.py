@@ -227,11 +227,6 @@ class RopeTables:
 
 
 # ---- attention ---------------------------------------------------------------------------------------
-def _head_bias(lin: LowRankLinear, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
-    """``lin``'s bias as ``[heads, d_head]`` (heads ``start:stop``), or ``None``."""
-    return None if lin.bias is None else lin.bias.view(lin.n_heads, -1)[start:stop]
-
-
 class FlashAttention(FlashBlock):
     """Self-attention on rank-space projections via :func:`flashsvd.kernels.lowrank_attention`.
 
@@ -351,10 +346,10 @@ class FlashAttention(FlashBlock):
         if groups is not None:
             out = self._attend_in_groups(hidden_states, groups, q, k, v, kw)
         elif decode:
-            out = lowrank_attention_decode(pq, (pk, pv), q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
+            out = lowrank_attention_decode(pq, (pk, pv), q.v, k.v, v.v, q.head_bias(), k.head_bias(), v.head_bias(),
                                            lengths=lengths, **kw)  # fmt: skip
         else:
-            out = lowrank_attention(pq, pk, pv, q.v, k.v, v.v, _head_bias(q), _head_bias(k), _head_bias(v),
+            out = lowrank_attention(pq, pk, pv, q.v, k.v, v.v, q.head_bias(), k.head_bias(), v.head_bias(),
                                     causal=self.causal, q_offset=N - M, **kw)  # fmt: skip
         if groups is None:
             del pq, pk, pv  # the rank-space projections are dead: the output projection may reuse them
@@ -413,7 +408,7 @@ class FlashAttention(FlashBlock):
             pv = (x @ uv[:, k0 * rv : k1 * rv]).unflatten(-1, (k1 - k0, rv))
             lowrank_attention(
                 pq, pk, pv, vq[h0:h1], vk[k0:k1], vv[k0:k1],
-                _head_bias(q, h0, h1), _head_bias(k, k0, k1), _head_bias(v, k0, k1),
+                q.head_bias(h0, h1), k.head_bias(k0, k1), v.head_bias(k0, k1),
                 causal=self.causal, q_offset=0, out=out[:, :, h0:h1], **kw,
             )  # fmt: skip
             del pq, pk, pv  # before the next group's projections exist
