@@ -20,6 +20,8 @@ Companion of ``speed.py`` (issue 14): same models, same aligned ranks, same vari
 * ``eager-ab``: eager BERT-base B64 latency (synchronized) and host time (not) of dense and
   flash-fastest (two models) measured in alternating rounds, so that neither gets the cold start or a
   slow stretch of the host alone.
+* ``llama-ab``: eager LLaMA ``generate()`` decode tokens/s (``--batches``, ``--prefill``-token prompt, 64
+  new tokens) of dense, flash and flash without its decode and RMSNorm launch plans, in alternating rounds.
 * ``host``: ``cProfile`` of eager calls of the attention kernel at BERT 8,192 tokens (r=40) and of the
   decode kernel (B=1, 8K cache, r=64): host microseconds per call by function.
 
@@ -381,6 +383,68 @@ def profile_eager_ab(args, log, rounds: int = 9, calls: int = 10):
                 + "; ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in got.items()))  # fmt: skip
 
 
+def profile_llama_ab(args, log, rounds: int = 5, new_tokens: int = 64):
+    """Eager ``generate()`` decode tokens/s (B in ``--batches``, ``--prefill``-token prompt), dense vs
+    flash vs flash without its decode and RMSNorm plans (the general path), in alternating rounds.
+    A round times ``generate`` with 1 and with ``new_tokens + 1`` new tokens; the rate is
+    ``B · new_tokens`` over their difference (prefill and the first token cancel).  Ratios are the
+    median of per-round ratios."""
+    import contextlib
+    import copy
+
+    import speed as sp  # the sibling script: same models and ranks
+
+    import flashsvd.models as fm
+    from flashsvd.models import plans
+
+    dense = sp.llama7b(args.llama_layers)
+    flash = copy.deepcopy(dense)
+    ranks = sp.aligned_ranks(flash, args.keep, args.multiple, kv_rank=64)
+    flash, _ = fm.compress(flash, ranks=ranks, backend="flash")
+
+    @contextlib.contextmanager
+    def general():
+        saved = plans.decode_forward, plans.rms_norm_forward
+        plans.decode_forward = plans.rms_norm_forward = lambda *a: None
+        try:
+            yield
+        finally:
+            plans.decode_forward, plans.rms_norm_forward = saved
+
+    variants = {"dense": (dense, contextlib.nullcontext), "flash": (flash, contextlib.nullcontext),
+                "flash-general": (flash, general)}  # fmt: skip
+    for B in args.batches:
+        ids = torch.randint(0, dense.config.vocab_size, (B, args.prefill), device="cuda")
+
+        def gen(model, n, ids=ids):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        for model, ctx in variants.values():  # warm-up: every cache length, compile, tune, plans
+            with ctx():
+                gen(model, new_tokens + 1)
+        rates: dict = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (model, ctx) in variants.items():
+                with ctx():
+                    t1, tn = gen(model, 1), gen(model, new_tokens + 1)
+                rates[name].append(B * new_tokens / (tn - t1))
+        med = {name: statistics.median(r) for name, r in rates.items()}
+        # the ratio per round (both timed within seconds of each other), then its median: this host's
+        # speed drifts by up to 1.5x between rounds
+        paired = {n: statistics.median(a / d for a, d in zip(r, rates["dense"])) for n, r in rates.items()}
+        log(f"llama-ab B={B} prompt {args.prefill}, {new_tokens} new: "
+            + ", ".join(f"{n} {m:.1f} tok/s ({paired[n]:.3f}x dense, paired)" for n, m in med.items())
+            + "; rounds: " + "; ".join(f"{n} " + " ".join(f"{r:.0f}" for r in rs) for n, rs in rates.items()))  # fmt: skip
+        del ids
+    del dense, flash
+    torch.cuda.empty_cache()
+
+
 def profile_host_llama(args, log):
     import speed as sp  # the sibling script: same models, ranks and variants
 
@@ -484,7 +548,8 @@ def main(argv=None) -> int:
 
     log(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
     jobs = {"host": profile_host, "host-bert": profile_host_bert, "host-llama": profile_host_llama,
-            "host-layer": profile_host_layer, "eager-ab": profile_eager_ab, "decode": profile_decode,
+            "host-layer": profile_host_layer, "eager-ab": profile_eager_ab, "llama-ab": profile_llama_ab,
+            "decode": profile_decode,
             "bert": profile_bert, "decode-kernel": profile_decode_kernel}  # fmt: skip
     for name in args.only.split(","):
         jobs[name](args, log)

@@ -90,6 +90,9 @@ DECODE_CASES = [
     (2, 45, 1, 4, 2, 6, 24, True, (45, 20)),
     (3, 70, 2, 2, 2, 9, 40, False, (70, 33, 2)),
     (1, 130, 1, 4, 1, 16, 32, True, (130,)),
+    # one query row per program (multi-head, one new token): the kernel's vector path
+    (2, 45, 1, 2, 2, 6, 24, True, (45, 20)),
+    (2, 70, 1, 3, 3, 9, 40, False, (70, 33)),
 ]
 
 
@@ -125,10 +128,11 @@ def test_triton_decode_matches_float64_prefill(case, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("layout", ["left-padded", "shuffled", "mixed"])
-def test_triton_decode_rope_key_positions(layout):
+@pytest.mark.parametrize("T, Hq", [(2, 4), (1, 2)], ids=["gqa", "one-row"])
+def test_triton_decode_rope_key_positions(layout, T, Hq):
     """Explicit key positions: HF's left padding (``slot - pads``, pads at position 1), positions that
     follow no slot offset, and one row of each (tiles of both kinds): the float64 reference in every case."""
-    B, L, T, Hq, Hkv, r, D = 2, 100, 2, 4, 2, 8, 32
+    B, L, r, D, Hkv = 2, 100, 8, 32, 2
     t = factors(B, L, Hq, Hkv, r, D, seed=3)
     pads = torch.tensor([0, 37])
     mask = torch.arange(L)[None] >= pads[:, None]

@@ -237,3 +237,68 @@ def test_prepared_kernels_compute_what_the_public_functions_compute():
     run = prepare_ffn(x, f, "gelu", backend=backend, policy="fastest")
     torch.testing.assert_close(run(res), lowrank_ffn(res, f, "gelu", backend=backend, policy="fastest"),
                                rtol=0, atol=0)  # fmt: skip
+
+
+@needs_kernel
+def test_prepared_decode_step_computes_what_the_public_functions_compute():
+    """A decoder's prepared step (``RankSpaceKVCache.prepare_append`` + ``advance``, ``prepare_decode``
+    over the whole buffers, ``prepare_add_norm(rms=True)``) gives :meth:`~RankSpaceKVCache.append`'s cache and
+    :func:`lowrank_attention_decode`'s / :func:`rms_norm`'s outputs exactly, step after step."""
+    from flashsvd.kernels import RankSpaceKVCache, lowrank_attention_decode, rms_norm, rope_table
+    from flashsvd.kernels.attention_decode import decode_layout, prepare_decode
+    from flashsvd.kernels.norm import prepare_add_norm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "auto" if dev == "cuda" else "triton"
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev)
+
+    B, P, Hq, Hkv, r, D, cap = 2, 21, 4, 2, 16, 32, 64
+    vq, vk, vv = rnd(Hq, r, D, scale=r**-0.5), rnd(Hkv, r, D, scale=r**-0.5), rnd(Hkv, r, D, scale=r**-0.5)
+    rope = tuple(t.to(dev) for t in rope_table(cap, D))
+    caches = [RankSpaceKVCache(B, cap, Hkv, r, dtype=torch.float32, device=dev) for _ in range(2)]
+    for c in caches:  # the same prompt in both
+        g.manual_seed(1)
+        c.append(rnd(B, P, Hkv, r), rnd(B, P, Hkv, r), positions=torch.arange(P, device=dev)[None])
+
+    def step(pos):
+        p = rnd(B, 1, (Hq + 2 * Hkv) * r)  # one fused projection, split like a runtime block does
+        pq, pk, pv = (
+            t.unflatten(-1, (h, r)) for t, h in zip(p.split([Hq * r, Hkv * r, Hkv * r], -1), (Hq, Hkv, Hkv))
+        )
+        return pq, pk, pv, torch.full((1, 1), pos, device=dev).expand(B, 1)  # as the runtime passes them
+
+    ref, mine = caches
+    run = write = None
+    for pos in range(P, P + 4):
+        pq, pk, pv, positions = step(pos)
+        ref.append(pk, pv, positions=positions)
+        want = lowrank_attention_decode(pq, ref, vq, vk, vv, rope=rope, positions=positions,
+                                        key_positions=ref.positions, backend=backend)  # fmt: skip
+        n = mine.max_length + 1
+        if run is None:  # after the public call launched (and tuned) this layout
+            assert decode_layout(mine.pk, n) == decode_layout(ref.pk, n)
+            write = mine.prepare_append(pk, pv, positions)
+            out = torch.empty_like(want)
+            run = prepare_decode(pq, mine.pk, mine.pv, vq, vk, vv, lengths=mine.lengths, n_hint=n, rope=rope,
+                                 positions=positions, key_positions=mine.positions, out=out)  # fmt: skip
+            assert run is not None
+        if write is None:  # off CUDA the append is tensor ops: the public path
+            mine.append(pk, pv, positions=positions)
+        else:
+            write(pk, pv, positions)
+            mine.advance(1)
+        got = torch.full_like(want, float("nan"))
+        run(pq, positions, got)
+        assert torch.equal(got, want)
+    assert torch.equal(mine.pk, ref.pk) and torch.equal(mine.positions, ref.positions)
+    assert torch.equal(mine.lengths, ref.lengths) and mine.max_length == ref.max_length
+
+    x, w = rnd(5, 96), rnd(96)
+    want = rms_norm(x, w, 1e-6, backend=backend)
+    norm = prepare_add_norm(x, None, w, None, 1e-6, torch.empty_like(x), rms=True)
+    got = torch.empty_like(x)
+    norm(x, None, got)
+    assert torch.equal(got, want)

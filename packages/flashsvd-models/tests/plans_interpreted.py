@@ -89,7 +89,62 @@ def main() -> None:
     fm.set_backend(model, "flash", kernel_backend="triton", policy="fastest")
     outs = [forward() for _ in range(3)]
     found["distilbert"] = {"used": dict(used), "equal": [torch.equal(o, general()) for o in outs]}
+    found["llama"] = llama_decode()
     print(json.dumps(found))
+
+
+def llama_decode() -> dict:
+    """A flash LLaMA decoding through HF's ``generate()`` (a dynamic cache) and ``generate_greedy``
+    (a static one): decode steps and RMSNorms take their plans and give the general path's tokens
+    and logits bit for bit."""
+    from flashsvd.models.graphs import generate_greedy
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=96, vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    model, _ = fm.compress(T.LlamaForCausalLM(cfg).eval(), keep_ratio=0.75, calibration=None)
+    fm.set_backend(model, "flash", kernel_backend="triton", policy="fastest")
+    ids = torch.randint(0, 100, (2, 5))
+    used = {"decode": 0, "norm": 0}
+    decode_forward, rms_norm_forward = plans.decode_forward, plans.rms_norm_forward
+
+    def counted(name, fn):
+        def run(*args):
+            out = fn(*args)
+            used[name] += out is not None
+            return out
+
+        return run
+
+    plans.decode_forward = counted("decode", decode_forward)
+    plans.rms_norm_forward = counted("norm", rms_norm_forward)
+
+    def hf() -> tuple:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        return out.sequences, torch.stack(out.logits)
+
+    def static() -> torch.Tensor:
+        return generate_greedy(model, ids, 6, graph=False)
+
+    def general(fn):
+        eligible, plans.eligible = plans.eligible, lambda *a: False
+        try:
+            return fn()
+        finally:
+            plans.eligible = eligible
+
+    found = {}
+    for name, fn in (("generate", hf), ("static", static)):
+        runs = [fn() for _ in range(2)]
+        ref = general(fn)
+        equal = [all(map(torch.equal, r, ref)) if isinstance(r, tuple) else torch.equal(r, ref) for r in runs]
+        found[name] = {"used": dict(used), "equal": equal}
+        used.update(decode=0, norm=0)
+    layer = model.model.layers[0].self_attn
+    found["plans_on_cache_layers"] = "_flashsvd_plans" not in layer.__dict__
+    return found
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ def test_plans_match_the_general_path_under_the_interpreter():
     assert found["grad"] == {"used": {"attention": 0, "ffn": 0}}
     distil = found["distilbert"]  # (its attention signature may already be tuned by BERT's calls)
     assert distil["used"]["attention"] >= 5 and distil["used"]["ffn"] == 6 and all(distil["equal"])
+    # LLaMA decoding, HF generate() (a dynamic cache) and generate_greedy (a static one), 2 runs each of 6
+    # new tokens: every RMSNorm and every decode step takes its plan, except a new length bucket's first
+    # step (the general path tunes it) -- same tokens and logits as without plans
+    llama = found["llama"]
+    assert llama["generate"]["used"]["norm"] == llama["static"]["used"]["norm"] == 60
+    assert llama["generate"]["used"]["decode"] >= 18 and llama["static"]["used"]["decode"] >= 18
+    assert llama["generate"]["equal"] == llama["static"]["equal"] == [True, True]
+    assert llama["plans_on_cache_layers"]  # a decode plan holds the cache's buffers: it lives there
 
 
 def test_no_plan_on_cpu_reference_kernels(tiny, make_inputs, monkeypatch):
@@ -98,8 +106,9 @@ def test_bert_layers_call_their_blocks_directly_unless_a_skipped_module_is_hooke
 
 
 def _plan_counts(monkeypatch) -> dict:
-    used = {"attention": 0, "ffn": 0}
-    for name, attr in (("attention", "attention_forward"), ("ffn", "ffn_forward")):
+    used = {"attention": 0, "ffn": 0, "decode": 0, "norm": 0}
+    for name, attr in (("attention", "attention_forward"), ("ffn", "ffn_forward"), ("decode", "decode_forward"),
+                       ("norm", "rms_norm_forward")):  # fmt: skip
         fn = getattr(plans, attr)
 
         def run(*args, fn=fn, name=name):
@@ -138,6 +147,37 @@ def test_plans_match_the_general_path_on_cuda(tiny, make_inputs, monkeypatch, po
     assert all(torch.equal(forward(), ref) for _ in range(4))
     fwd = fm.GraphedForward(model, input_ids=ids, attention_mask=mask)  # plans inside a capture
     assert torch.equal(fwd(input_ids=ids, attention_mask=mask)[0], ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_plans_match_the_general_path_on_cuda(tiny, monkeypatch, dtype):
+    from flashsvd.models.graphs import generate_greedy
+
+    model, _ = fm.compress(tiny("llama").cuda().to(dtype), keep_ratio=0.6, backend="flash")
+    fm.set_backend(model, "flash", policy="fastest")
+    ids = torch.randint(1, 100, (3, 37), device="cuda")
+    used = _plan_counts(monkeypatch)
+
+    def hf():
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        return torch.cat([out.sequences.float().flatten(), torch.stack(out.logits).float().flatten()])
+
+    def static():
+        return generate_greedy(model, ids, 12, graph=False)
+
+    for fn in (hf, static):
+        runs = [fn() for _ in range(3)]  # the first steps of a length bucket compile and tune
+        with monkeypatch.context() as m:
+            m.setattr(plans, "eligible", lambda *a: False)
+            ref = fn()
+        assert all(torch.equal(r, ref) for r in runs)
+    assert used["decode"] >= 40 and used["norm"] >= 100
+    graphed = generate_greedy(model, ids, 12)  # plans inside the captured decode step
+    assert torch.equal(graphed, ref)
 
 
 def test_a_layout_without_a_plan_is_tried_again_now_and_then():

@@ -33,7 +33,7 @@ from flashsvd.kernels._attention_checks import (
     check_rope,
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
-from flashsvd.kernels._launch import cdiv, launch, launch_tuned, tile_size
+from flashsvd.kernels._launch import cdiv, launch, launch_tuned, prepare, prepare_tuned, tile_size
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, interpreter_enabled, resolve_backend, upcast_dot
 from flashsvd.kernels.attention import LOG2E, _align, _bucket
@@ -303,36 +303,42 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, rope, q_pos, k_pos, scale,
-                   out=None):  # fmt: skip
-    """Shapes: ``pq [B, T, Hq, rq]``, cache ``pk [B, Nmax, Hkv, rk]`` … ; returns ``[B, T, Hq, D]``.
-
-    Two launches and one scratch allocation: no other device work (the decode step is latency-bound
-    at small batch, so host-side tensor ops would dominate).
-    """
-    B, T, Hq, rq = pq.shape
-    Nmax, Hkv, rk = pk.shape[1], pk.shape[2], pk.shape[3]
-    rv, D = pv.shape[3], vq.shape[2]
-    if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(
-            f"the Triton backend takes float16/bfloat16/float32, got {pq.dtype}; use backend='torch'"
-        )
-    G = Hq // Hkv
-    R = G * T
-    dev = pq.device
-    ROWS_P, RV_P = tile_size(R), tile_size(rv)
+def _decode_split(B: int, Hkv: int, n_hint: int, Nmax: int, dev: torch.device) -> tuple[int, int, int]:
+    """``(n_hint, n_splits, split_len)``: how a launch for ``n_hint`` cached tokens cuts the cache."""
     n_hint = max(1, min(n_hint, Nmax))
     want = max(1, (PROGRAMS_PER_SM * _num_sms(dev)) // (B * Hkv))
     n_splits = max(1, min(want, cdiv(n_hint, 256)))
     split_len = cdiv(cdiv(n_hint, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    n_splits = cdiv(n_hint, split_len)
+    return n_hint, cdiv(n_hint, split_len), split_len
+
+
+def _decode_scratch(pq, pk, pv, n_hint: int) -> torch.Tensor:
+    """The float32 per-split softmax states (accumulator, max, sum) of one launch."""
+    B, T, Hq = pq.shape[:3]
+    Hkv, rv = pk.shape[2], pv.shape[3]
+    _, n_splits, _ = _decode_split(B, Hkv, n_hint, pk.shape[1], pq.device)
+    n_state = B * Hkv * n_splits * tile_size(Hq // Hkv * T)
+    return torch.empty(n_state * (tile_size(rv) + 2), dtype=torch.float32, device=pq.device)
+
+
+def _decode_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, rope, q_pos, k_pos, scale,
+                 out, scratch):  # fmt: skip
+    """``((autotune key, grid, args, flags), (grid, args, kwargs))`` of the split and reduce launches."""
+    B, T, Hq, rq = pq.shape
+    Nmax, Hkv, rk = pk.shape[1], pk.shape[2], pk.shape[3]
+    rv, D = pv.shape[3], vq.shape[2]
+    G = Hq // Hkv
+    R = G * T
+    ROWS_P, RV_P = tile_size(R), tile_size(rv)
+    n_hint, n_splits, split_len = _decode_split(B, Hkv, n_hint, Nmax, pq.device)
     n_state = B * Hkv * n_splits * ROWS_P
-    scratch = torch.empty(n_state * (RV_P + 2), dtype=torch.float32, device=dev)
-    acc, mx, sm = scratch[: n_state * RV_P], scratch[n_state * RV_P : -n_state], scratch[-n_state:]
+    acc, mx, sm = (
+        scratch[: n_state * RV_P],
+        scratch[n_state * RV_P : n_state * (RV_P + 1)],
+        scratch[-n_state:],
+    )
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
     use_rope = rope is not None
-    if out is None:
-        out = torch.empty(B, T, Hq, D, dtype=pq.dtype, device=dev)
     cos, sin = rope if use_rope else (out, out)
     dummy = out
     IEEE, UPCAST = pq.dtype == torch.float32, upcast_dot(pq.dtype)
@@ -343,8 +349,7 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         HAS_QPOS=q_pos is not None, HAS_KPOS=k_pos is not None, ROPE=use_rope, IEEE=IEEE, UPCAST=UPCAST,
     )  # fmt: skip
     key = (pq.dtype, _bucket(n_hint), n_splits, rq, rk, rv, D, align, *flags.values())
-    launch_tuned(
-        _decode_split_kernel, key, lambda meta: (n_splits, B * Hkv),
+    split_args = (
         pq, vq, bq if bq is not None else dummy, q_pos if q_pos is not None else dummy,
         pk, pv, vk, bk if bk is not None else dummy, mask_u8 if mask_u8 is not None else dummy, lengths,
         cos, sin, k_pos if k_pos is not None else dummy, acc, mx, sm,
@@ -355,16 +360,79 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         *(k_pos.stride() if k_pos is not None else (0, 0)),
         Hkv, G, T, R, split_len, n_splits, scale * LOG2E,
         _bucket(n_hint), rq, rk, rv, D, align,
-        **flags,
     )  # fmt: skip
-    launch(
-        _decode_reduce_kernel, (B * Hkv,),
+    reduce_args = (
         acc, mx, sm, vv, bv if bv is not None else dummy, out,
         *vv.stride(), bv.stride(0) if bv is not None else 0, *out.stride(),
         Hkv, G, T, R, n_splits, rv, D,
-        ROWS_P=ROWS_P, RV_P=RV_P, D_P=tile_size(D), HAS_BV=bv is not None, IEEE=IEEE, UPCAST=UPCAST, num_warps=4,
     )  # fmt: skip
+    reduce_kwargs = dict(ROWS_P=ROWS_P, RV_P=RV_P, D_P=tile_size(D), HAS_BV=bv is not None, IEEE=IEEE,
+                         UPCAST=UPCAST, num_warps=4)  # fmt: skip
+    split = (key, lambda meta: (n_splits, B * Hkv), split_args, flags)
+    return split, ((B * Hkv,), reduce_args, reduce_kwargs)
+
+
+def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, rope, q_pos, k_pos, scale,
+                   out=None):  # fmt: skip
+    """Shapes: ``pq [B, T, Hq, rq]``, cache ``pk [B, Nmax, Hkv, rk]`` … ; returns ``[B, T, Hq, D]``.
+
+    Two launches and one scratch allocation: no other device work (the decode step is latency-bound
+    at small batch, so host-side tensor ops would dominate).
+    """
+    if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"the Triton backend takes float16/bfloat16/float32, got {pq.dtype}; use backend='torch'"
+        )
+    if out is None:
+        out = torch.empty(*pq.shape[:3], vq.shape[2], dtype=pq.dtype, device=pq.device)
+    scratch = _decode_scratch(pq, pk, pv, n_hint)
+    (key, grid, args, flags), (r_grid, r_args, r_kwargs) = _decode_call(
+        pq, pk, pv, vq, vk, vv, bq, bk, bv, lengths=lengths, n_hint=n_hint, mask=mask, rope=rope, q_pos=q_pos,
+        k_pos=k_pos, scale=scale, out=out, scratch=scratch,
+    )  # fmt: skip
+    launch_tuned(_decode_split_kernel, key, grid, *args, **flags)
+    launch(_decode_reduce_kernel, r_grid, *r_args, **r_kwargs)
     return out
+
+
+def decode_layout(pk: torch.Tensor, n_hint: int) -> tuple[int, int, int]:
+    """What a decode launch over ``pk [B, Nmax, Hkv, r]`` for ``n_hint`` cached tokens depends on
+    besides the argument layouts: ``(length bucket, splits, split length)`` (a launch plan's key)."""
+    n_hint, n_splits, split_len = _decode_split(pk.shape[0], pk.shape[2], n_hint, pk.shape[1], pk.device)
+    return _bucket(n_hint), n_splits, split_len
+
+
+def prepare_decode(
+    pq, pk, pv, vq, vk, vv, bq=None, bk=None, bv=None, *, lengths, n_hint: int, rope, positions, key_positions,
+    scale=None, out: torch.Tensor,
+):  # fmt: skip
+    """The two launches :func:`lowrank_attention_decode` makes over a rank-space cache (whole buffers
+    ``pk``/``pv`` ``[B, Nmax, Hkv, r]``, device ``lengths``, ``n_hint`` the host's bound on them), without
+    a key mask, as one call ``run(pq, positions, out)``: the inference hot path of a decoder block's
+    launch plan.  The scratch states are allocated here, once.  Arguments are checked here; calls are not.
+    ``None`` until :func:`lowrank_attention_decode` has launched (and tuned) this signature on the GPU."""
+    dims, pk, pv, lengths, _, q_pos, k_pos = _prepare(
+        pq, (pk, pv), vq, vk, vv, bq, bk, bv, lengths, None, rope, positions, key_positions
+    )
+    check_out(out, (dims.B, dims.M, dims.Hq, dims.D), pq)
+    if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    scale = 1.0 / math.sqrt(dims.D) if scale is None else float(scale)
+    scratch = _decode_scratch(pq, pk, pv, n_hint)
+    (key, grid, args, flags), (r_grid, r_args, r_kwargs) = _decode_call(
+        pq, pk, pv, vq, vk, vv, bq, bk, bv, lengths=lengths, n_hint=n_hint, mask=None, rope=rope, q_pos=q_pos,
+        k_pos=k_pos, scale=scale, out=out, scratch=scratch,
+    )  # fmt: skip
+    split = prepare_tuned(_decode_split_kernel, key, grid, args, flags, live=(pq, q_pos, out))
+    merge = prepare(_decode_reduce_kernel, r_grid, r_args, r_kwargs, live=(out,))
+    if split is None or merge is None:
+        return None
+
+    def run(pq: torch.Tensor, positions: torch.Tensor | None, out: torch.Tensor) -> None:
+        split(pq, positions, out)
+        merge(out)
+
+    return run
 
 
 @torch.library.custom_op("flashsvd::attention_decode", mutates_args=())

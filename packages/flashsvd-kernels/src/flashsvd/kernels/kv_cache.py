@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashsvd.kernels._launch import launch, next_power_of_2
+from flashsvd.kernels._launch import launch, next_power_of_2, prepare
 
 __all__ = ["RankSpaceKVCache"]
 
@@ -160,29 +160,47 @@ class RankSpaceKVCache:
         if positions is not None:
             positions = positions.expand(self.batch, T)
         if _use_kernel(pk_new):
-            self._append_kernel(pk_new, pv_new, positions)
+            grid, *args, kwargs = self._append_call(pk_new, pv_new, positions)
+            launch(_append_kernel, grid, *args, **kwargs)
         else:
             self._append_torch(pk_new, pv_new, positions)
-        self.max_length += T
         if valid is None:
-            self.lengths += T
+            self.advance(T)
         else:
             if valid.shape != (self.batch,):
                 raise ValueError(f"valid must have shape [{self.batch}], got {tuple(valid.shape)}")
+            self.max_length += T
             self.lengths += valid.to(device=self.lengths.device, dtype=torch.int32)
             self._uniform = False
 
-    def _append_kernel(self, pk_new, pv_new, positions) -> None:
+    def advance(self, T: int) -> None:
+        """Count ``T`` tokens written at every row's slots (what :meth:`append` does after its write)."""
+        self.max_length += T
+        self.lengths += T
+
+    def prepare_append(self, pk_new: torch.Tensor, pv_new: torch.Tensor, positions: torch.Tensor | None):
+        """:meth:`append`'s write of tokens laid out like ``pk_new``/``pv_new`` (and ``[B, T]``
+        ``positions`` or ``None``) as a :class:`~flashsvd.kernels._launch.Prepared` call taking
+        ``(pk_new, pv_new, positions)``; the caller checks capacity and calls :meth:`advance` after it.
+        For a launch plan (no checks per call); ``None`` off CUDA or before :meth:`append` launched it."""
+        if not _use_kernel(pk_new):
+            return None
+        if positions is not None:
+            positions = positions.expand(self.batch, pk_new.shape[1])
+        grid, *args, kwargs = self._append_call(pk_new, pv_new, positions)
+        return prepare(_append_kernel, grid, tuple(args), kwargs, live=(pk_new, pv_new, positions))
+
+    def _append_call(self, pk_new, pv_new, positions):
+        """``(grid, *args, kwargs)`` of the append launch."""
         B, T, H, rk = pk_new.shape
         rv = pv_new.shape[3]
         pos = positions if positions is not None else self.lengths
-        launch(
-            _append_kernel, (B * T,),
-            pk_new, pv_new, pos, self.pk, self.pv, self.positions, self.lengths,
+        kwargs = dict(RK=rk, RV=rv, HKV=H, BLOCK_K=next_power_of_2(H * rk), BLOCK_V=next_power_of_2(H * rv),
+                      HAS_POS=positions is not None)  # fmt: skip
+        return (
+            (B * T,), pk_new, pv_new, pos, self.pk, self.pv, self.positions, self.lengths,
             *pk_new.stride(), *pv_new.stride(), *(positions.stride() if positions is not None else (0, 0)),
-            *self.pk.stride(), *self.pv.stride(), *self.positions.stride(), T,
-            RK=rk, RV=rv, HKV=H, BLOCK_K=next_power_of_2(H * rk), BLOCK_V=next_power_of_2(H * rv),
-            HAS_POS=positions is not None,
+            *self.pk.stride(), *self.pv.stride(), *self.positions.stride(), T, kwargs,
         )  # fmt: skip
 
     def _append_torch(self, pk_new, pv_new, positions) -> None:

@@ -85,13 +85,14 @@ def _launch(x2d: torch.Tensor, r2d: torch.Tensor | None, weight, bias, eps: floa
 
 
 def prepare_add_norm(x2d: torch.Tensor, r2d: torch.Tensor | None, weight: torch.Tensor | None,
-                     bias: torch.Tensor | None, eps: float, y: torch.Tensor) -> Prepared | None:  # fmt: skip
-    """``y ← LayerNorm(x2d + r2d)`` on ``[n, d]`` rows (unit column stride) as a :class:`Prepared`
-    launch, called with ``(x2d, r2d, y)``; ``y`` may be ``x2d``.  No checks: a runtime block's launch
-    plan calls it with the inputs :func:`add_layer_norm` accepted.  ``None`` until launched once."""
+                     bias: torch.Tensor | None, eps: float, y: torch.Tensor, *, rms: bool = False) -> Prepared | None:  # fmt: skip
+    """``y ← LayerNorm(x2d + r2d)`` (``rms``: ``RMSNorm(x2d)``, no ``r2d`` or ``bias``) on ``[n, d]``
+    rows (unit column stride) as a :class:`Prepared` launch, called with ``(x2d, r2d, y)``; ``y`` may be
+    ``x2d``.  No checks: a runtime block's launch plan calls it with the inputs :func:`add_layer_norm`
+    (:func:`rms_norm`) accepted.  ``None`` until launched once."""
     if x2d.shape[0] == 0:
         return None
-    grid, args, kwargs = _norm_call(x2d, r2d, weight, bias, eps, False, y)
+    grid, args, kwargs = _norm_call(x2d, r2d, weight, bias, eps, rms, y)
     return prepare(_norm_kernel, grid, args, kwargs, live=(x2d, r2d, y))
 
 

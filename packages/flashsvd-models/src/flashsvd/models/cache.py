@@ -107,6 +107,35 @@ class RankSpaceCacheLayer(DynamicLayer):
             self.cumulative_length.add_(T)
         return self.keys, self.values
 
+    def has_room(self, T: int) -> bool:
+        """Whether ``T`` more tokens fit without growing (or, static, overflowing) the store."""
+        return self.store is not None and self.store.max_length + T <= self.store.max_len
+
+    def prepare_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None
+    ):
+        """:meth:`update`'s write of tokens laid out like these (``positions``: int64 ``[B, T]`` or
+        ``None``) as one call ``(key_states, value_states, positions)``: the store's prepared append
+        launch and the counts, without checks (the projections may come flat, ``[B, T, H·r]``); the
+        caller checks :meth:`has_room` first.  For a
+        decoder block's launch plan; ``None`` before the store exists."""
+        store, static = self.store, self.cumulative_length
+        if store is None:
+            return None
+        T, k_heads, v_heads = key_states.shape[1], key_states.shape[2:], value_states.shape[2:]
+        write = store.prepare_append(key_states, value_states, positions)
+
+        def run(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> None:
+            if write is None:  # off CUDA: the store's own append (tensor ops), on ``[B, T, H, r]`` views
+                store.append(k.unflatten(-1, k_heads), v.unflatten(-1, v_heads), positions=pos)
+            else:
+                write(k, v, pos)
+                store.advance(T)
+            if static is not None:
+                static.add_(T)
+
+        return run
+
     def past_tokens(self) -> int:
         """Cache slots written so far, counted on the host (a launch-size bound; never a device sync)."""
         return 0 if self.store is None else self.store.max_length

@@ -13,10 +13,17 @@ input and of the key mask, if any) and the block's settings (policy, activation,
 and its checks passed); it holds the block's parameters and :class:`~flashsvd.kernels._launch.Prepared`
 launches, and a call is the GEMMs and launches alone.  It serves inference only: no autograd, eval
 mode, CUDA (or ``kernel_backend="triton"`` under the interpreter), outside ``torch.compile`` and
-Triton launch hooks, without a KV cache or RoPE (decoders take the general path).  Each call first
-checks that the modules and parameters are the very objects at the very addresses the plan holds
-(so ``.to()``, a load with ``assign=True`` or a replaced module rebuild it), and that the dropouts it
-skips are in eval mode without hooks.
+Triton launch hooks.  Each call first checks that the modules and parameters are the very objects at
+the very addresses the plan holds (so ``.to()``, a load with ``assign=True`` or a replaced module
+rebuild it), and that the dropouts it skips are in eval mode without hooks.
+
+Four plans: cache-less attention without RoPE (encoders), the FFN, RMSNorm, and a decoder's cached
+step (:func:`decode_forward`: few new tokens over the rank-space KV cache, RoPE or none, no key mask;
+it runs over the cache's whole buffers with device lengths, as a static cache's graphed step does,
+and lives on the cache layer because it holds that cache's buffers).  Eager LLaMA ``generate()``
+went from 0.83–0.88× to 1.23–1.27× dense tokens/s at B=1 with the last two (H200,
+``profile_step.py --only llama-ab``).  Prefill with RoPE and calls with a key mask take the general
+path.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from torch import nn
 from flashsvd.kernels._launch import prepared_launches
 from flashsvd.kernels._triton_compat import interpreter_enabled
 from flashsvd.kernels.attention import prepare_attention
+from flashsvd.kernels.attention_decode import decode_layout, prepare_decode
 from flashsvd.kernels.ffn import prepare_ffn
 from flashsvd.kernels.norm import prepare_add_norm
+from flashsvd.models.cache import rank_space_layer
 from flashsvd.models.inplace import mark_owned, observed
 from flashsvd.models.lowrank import LowRankLinear
 
-__all__ = ["attention_forward", "eligible", "ffn_forward"]
+__all__ = ["attention_forward", "decode_forward", "eligible", "ffn_forward", "rms_norm_forward"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRIES = 8  # builds tried in a row per layout before the general path keeps it ...
@@ -82,6 +91,12 @@ class _Held:
             self.params.append(p)
         return p
 
+    def attr(self, obj: object, name: str) -> object:
+        """``obj.name``, held: a plan made from it is stale once the attribute is another object."""
+        value = obj.__dict__[name]
+        self.slots.append((obj.__dict__, name, value))
+        return value
+
     def linear(self, lin: LowRankLinear) -> None:
         for name in ("u", "v", "bias"):
             self.param(lin, name)
@@ -105,13 +120,14 @@ class _Held:
         )
 
 
-def _run(block: nn.Module, key: tuple, kind, *args) -> torch.Tensor | None:
+def _run(block: nn.Module, key: tuple, kind, *args, home: object = None) -> torch.Tensor | None:
     """The plan for ``key`` (``kind(block, *args)``, made when missing or stale) run on ``args``; None:
-    take the general path."""
-    plans = block.__dict__.setdefault("_flashsvd_plans", {})
+    take the general path.  Plans live on ``home`` (default ``block``): a decode plan holds its KV
+    cache's buffers, so it lives on the cache layer and goes with it."""
+    plans = (block if home is None else home).__dict__.setdefault("_flashsvd_plans", {})
     plan = plans.get(key)
     if plan is None or not plan.held.valid():
-        tries = block.__dict__.setdefault("_flashsvd_plan_tries", {})
+        tries = (block if home is None else home).__dict__.setdefault("_flashsvd_plan_tries", {})
         n = tries.get(key, 0)
         if n >= _TRIES and n % _RETRY_EVERY:  # given up for now; tried again now and then (a hook may go)
             tries[key] = n + 1
@@ -264,3 +280,126 @@ def ffn_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     """``block``'s (``FlashFFN``, out of place) output on ``x`` through its plan, or None."""
     key = (*_layout(x), block.policy, block.kernel_activation, block.kernel_backend)
     return _run(block, key, _FFNPlan, x)
+
+
+# ---- decode ------------------------------------------------------------------------------------------
+class _DecodePlan:
+    """A cached causal step of ``FlashAttention`` (few new tokens, no key mask, RoPE or none): one GEMM
+    into rank space, the cache layer's prepared append, the two prepared decode launches over the
+    whole cache buffers (device lengths, as a static cache's graphed step runs), the low-rank output
+    projection.  It holds the cache's buffers, so it lives on the cache layer."""
+
+    def __init__(self, block, x: torch.Tensor, positions: torch.Tensor | None, layer, n: int) -> None:
+        self.ok = False
+        held = self.held = _Held()
+        q, k, v = (held.module(block, block._paths[name]) for name in ("q", "k", "v"))
+        o = block._o_module if block._paths["o"] is None else held.module(block, block._paths["o"])
+        if o is not None and not (isinstance(o, LowRankLinear) and not o.per_head):
+            return
+        if block._residual is not None or not x.is_contiguous():
+            return
+        if any(not held.dropout(held.module(block, p)) for p in block._post):
+            return
+        for lin in (q, k, v) if o is None else (q, k, v, o):
+            held.linear(lin)
+        if x.dtype not in _KERNEL_DTYPES:
+            return
+        store = held.attr(layer, "store")
+        pk_all, pv_all, key_pos, lengths = (
+            held.attr(store, name) for name in ("pk", "pv", "positions", "lengths")
+        )
+        rope = None
+        if block.rope is not None:
+            rope = block.rope(n, x)
+            held.attr(block.rope, "_table")
+        self.rows = n if rope is None else rope[0].shape[0]  # the largest key count the tables serve
+        B, M = x.shape[:2]
+        fused = block._fused_u(q, k, v)
+        self.fused, self.widths = fused, [q.u.shape[1], k.u.shape[1], v.u.shape[1]]
+        p = torch.empty(B, M, fused.shape[1], dtype=x.dtype, device=x.device)
+        pq, pk, pv = (
+            t.unflatten(-1, (lin.n_heads, lin.rank)) for t, lin in zip(p.split(self.widths, -1), (q, k, v))
+        )
+        pos = None if positions is None else positions.expand(B, M)
+        self.write = layer.prepare_update(pk, pv, pos)
+        self.heads = (B, M, q.n_heads, q.v.shape[2])
+        heads = torch.empty(self.heads, dtype=x.dtype, device=x.device)
+        biases = [lin.head_bias() for lin in (q, k, v)]
+        self.attend = prepare_decode(
+            pq, pk_all, pv_all, q.v, k.v, v.v, *biases, lengths=lengths, n_hint=n, rope=rope,
+            positions=pos if rope is not None else None, key_positions=key_pos if rope is not None else None,
+            scale=block.scale, out=heads,
+        )  # fmt: skip
+        if self.write is None or self.attend is None:
+            return
+        self.o = None if o is None else (o.u, o.v, o.bias)
+        self.rope = rope is not None
+        held.seal()
+        self.ok = True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None, layer, n: int) -> torch.Tensor | None:
+        M = x.shape[1]
+        if n > self.rows or not layer.has_room(M):
+            return None  # the general path grows the tables or the cache (and this plan is then stale)
+        p = x @ self.fused
+        pq, pk, pv = p.split_with_sizes(self.widths, -1)
+        self.write(pk, pv, positions)
+        out = x.new_empty(self.heads)
+        self.attend(pq, positions if self.rope else None, out)
+        del p, pq, pk, pv
+        B = x.shape[0]
+        out = out.view(B * M, -1)
+        if self.o is not None:
+            u, v, bias = self.o
+            t = out @ u
+            del out
+            out = t @ v if bias is None else torch.addmm(bias, t, v)
+            del t
+        return out.view(B, M, -1)
+
+
+def decode_forward(block, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor | None:
+    """``block``'s (a causal ``FlashAttention`` with a KV cache) output for new tokens ``x`` without a
+    key mask through its decode plan, or None (take the general path)."""
+    rope = block.rope
+    if rope is not None and (rope.dynamic or positions is None or positions.dtype != torch.long):
+        return None  # (dynamic RoPE tables change every call)
+    layer = rank_space_layer(cache, block.layer_idx)
+    store = layer.store
+    if store is None or not layer.has_room(x.shape[1]):
+        return None  # the first (prefill) call creates the store; the general path grows it
+    n = store.max_len if layer.static else store.max_length + x.shape[1]
+    pos = None if positions is None else _layout(positions)
+    key = (id(block), *_layout(x), pos, store.max_len, layer.static, decode_layout(store.pk, n), block.scale,
+           block.kernel_backend)  # fmt: skip
+    return _run(block, key, _DecodePlan, x, positions, layer, n, home=layer)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------------
+class _NormPlan:
+    """``FlashRMSNorm``: the prepared norm launch into a fresh output."""
+
+    def __init__(self, block, x: torch.Tensor) -> None:
+        self.ok = False
+        held = self.held = _Held()
+        if x.dtype not in _KERNEL_DTYPES or not x.is_contiguous() or x.numel() == 0:
+            return
+        weight = held.param(block, "weight")
+        if weight is not None and (weight.dtype != x.dtype or not weight.is_contiguous()):
+            return
+        x2d = x.view(-1, x.shape[-1])
+        self.norm = prepare_add_norm(x2d, None, weight, None, block.eps, torch.empty_like(x2d), rms=True)
+        if self.norm is None:
+            return
+        held.seal()
+        self.ok = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        self.norm(x.view(-1, x.shape[-1]), None, y)
+        return y
+
+
+def rms_norm_forward(block, x: torch.Tensor) -> torch.Tensor | None:
+    """``block``'s (``FlashRMSNorm``) output on ``x`` through its plan, or None."""
+    return _run(block, (*_layout(x), block.eps, block.kernel_backend), _NormPlan, x)

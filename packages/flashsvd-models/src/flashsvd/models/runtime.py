@@ -300,6 +300,17 @@ class FlashAttention(FlashBlock):
             out = plans.attention_forward(self, hidden_states, key_valid)  # the inference hot path
             if out is not None:
                 return out, None
+        if (
+            self.use_cache
+            and self.causal
+            and M <= DECODE_MAX_NEW_TOKENS
+            and kwargs.get("attention_mask") is None
+            and hf_cache(kwargs) is not None
+            and plans.eligible(self, hidden_states)
+        ):
+            out = plans.decode_forward(self, hidden_states, kwargs.get("position_ids"), hf_cache(kwargs))
+            if out is not None:  # the decoding hot path
+                return out, None
         q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
         positions = kwargs.get("position_ids")
         cache = hf_cache(kwargs) if self.use_cache else None
@@ -667,6 +678,10 @@ class FlashRMSNorm(FlashBlock):
         self.kernel_backend = backend
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if plans.eligible(self, hidden_states):
+            out = plans.rms_norm_forward(self, hidden_states)  # the inference hot path
+            if out is not None:
+                return out
         return rms_norm(hidden_states, self.weight, self.eps, backend=self.kernel_backend)
 
 
