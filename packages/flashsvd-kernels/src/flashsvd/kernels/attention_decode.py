@@ -33,7 +33,16 @@ from flashsvd.kernels._attention_checks import (
     check_rope,
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
-from flashsvd.kernels._launch import cdiv, launch, launch_tuned, prepare, prepare_tuned, tile_size
+from flashsvd.kernels._launch import (
+    MIN_TILE,
+    cdiv,
+    launch,
+    launch_tuned,
+    next_power_of_2,
+    prepare,
+    prepare_tuned,
+    tile_size,
+)
 from flashsvd.kernels._tl_cast import cast
 from flashsvd.kernels._triton_compat import autotune, interpreter_enabled, resolve_backend, upcast_dot
 from flashsvd.kernels.attention import LOG2E, _align, _bucket
@@ -303,6 +312,17 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+# Smallest query-row tile (the M of the score and value dots; one new token of multi-head attention
+# is 1 row).  H200, LLaMA-7B shapes, RoPE, 4K cache (2026-12-01): 16 ran B=16 in 273 us against 296
+# and passed the decode tests; kept at _launch.MIN_TILE until a sweep like the one behind MIN_TILE
+# (16-wide tiles computed wrong outputs in other kernels on triton 3.6) clears it.
+MIN_ROWS = MIN_TILE
+
+
+def _rows_tile(rows: int) -> int:
+    return max(MIN_ROWS, next_power_of_2(rows))
+
+
 def _decode_split(B: int, Hkv: int, n_hint: int, Nmax: int, dev: torch.device) -> tuple[int, int, int]:
     """``(n_hint, n_splits, split_len)``: how a launch for ``n_hint`` cached tokens cuts the cache."""
     n_hint = max(1, min(n_hint, Nmax))
@@ -317,7 +337,7 @@ def _decode_scratch(pq, pk, pv, n_hint: int) -> torch.Tensor:
     B, T, Hq = pq.shape[:3]
     Hkv, rv = pk.shape[2], pv.shape[3]
     _, n_splits, _ = _decode_split(B, Hkv, n_hint, pk.shape[1], pq.device)
-    n_state = B * Hkv * n_splits * tile_size(Hq // Hkv * T)
+    n_state = B * Hkv * n_splits * _rows_tile(Hq // Hkv * T)
     return torch.empty(n_state * (tile_size(rv) + 2), dtype=torch.float32, device=pq.device)
 
 
@@ -329,7 +349,7 @@ def _decode_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, r
     rv, D = pv.shape[3], vq.shape[2]
     G = Hq // Hkv
     R = G * T
-    ROWS_P, RV_P = tile_size(R), tile_size(rv)
+    ROWS_P, RV_P = _rows_tile(R), tile_size(rv)
     n_hint, n_splits, split_len = _decode_split(B, Hkv, n_hint, Nmax, pq.device)
     n_state = B * Hkv * n_splits * ROWS_P
     acc, mx, sm = (
