@@ -4,7 +4,9 @@ Prints one JSON object of findings."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import torch
 import transformers as T
@@ -53,6 +55,21 @@ def main() -> None:
         outs = [forward() for _ in range(3)]
         found[policy] = {"used": dict(used), "equal": [torch.equal(o, general()) for o in outs]}
         used.update(attention=0, ffn=0)
+
+    twin = copy.deepcopy(model)  # after its original ran plans under "balanced" and "fastest"
+    twin.encoder.layer[0].intermediate.dense.v.data.mul_(1.5)  # in place: same objects and addresses
+    with torch.no_grad():
+        mine = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+    eligible, plans.eligible = plans.eligible, lambda *a: False
+    with torch.no_grad():
+        ref = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+    plans.eligible = eligible
+    found["deepcopy"] = {"copy_equal": torch.equal(mine, ref), "differs": not torch.equal(mine, forward())}
+    try:  # plans are kept beside the model: pickling it (torch.save of a whole module) never meets them
+        found["pickled"] = len(pickle.dumps(model)) > 0
+    except Exception as exc:
+        found["pickled"] = repr(exc)[:200]
+    used.update(attention=0, ffn=0)
 
     layer = model.encoder.layer[0]
     query = layer.attention.self.query
@@ -142,8 +159,10 @@ def llama_decode() -> dict:
         equal = [all(map(torch.equal, r, ref)) if isinstance(r, tuple) else torch.equal(r, ref) for r in runs]
         found[name] = {"used": dict(used), "equal": equal}
         used.update(decode=0, norm=0)
-    layer = model.model.layers[0].self_attn
-    found["plans_on_cache_layers"] = "_flashsvd_plans" not in layer.__dict__
+    block = model.model.layers[0].self_attn
+    found["plans_on_cache_layers"] = not any(
+        isinstance(p, plans._DecodePlan) for p in plans.plans_of(block)[0].values()
+    )
     return found
 
 

@@ -48,6 +48,10 @@ def test_plans_match_the_general_path_under_the_interpreter():
     assert llama["generate"]["used"]["decode"] >= 18 and llama["static"]["used"]["decode"] >= 18
     assert llama["generate"]["equal"] == llama["static"]["equal"] == [True, True]
     assert llama["plans_on_cache_layers"]  # a decode plan holds the cache's buffers: it lives there
+    # a deep copy makes its own plans (the original's are bound to the original's tensors); plans are
+    # kept beside the model, so pickling it never meets their launches and closures
+    assert found["deepcopy"] == {"copy_equal": True, "differs": True}
+    assert found["pickled"] is True
 
 
 def test_no_plan_on_cpu_reference_kernels(tiny, make_inputs, monkeypatch):
@@ -207,4 +211,4 @@ def test_a_built_plan_runs_and_resets_the_count():
     assert plans._run(block, ("layout",), lambda block, x: None, 0) is None
     assert plans._run(block, ("layout",), lambda block, x: _Plan(), 1) == 2
     assert plans._run(block, ("layout",), lambda block, x: None, 5) == 6  # no rebuild while valid
-    assert block.__dict__["_flashsvd_plan_tries"] == {}
+    assert plans.plans_of(block)[1] == {}

@@ -20,15 +20,16 @@ rebuild it), and that the dropouts it skips are in eval mode without hooks.
 Four plans: cache-less attention without RoPE (encoders), the FFN, RMSNorm, and a decoder's cached
 step (:func:`decode_forward`: few new tokens over the rank-space KV cache, RoPE or none, no key mask;
 it runs over the cache's whole buffers with device lengths, as a static cache's graphed step does,
-and lives on the cache layer because it holds that cache's buffers).  Eager LLaMA ``generate()``
-went from 0.83–0.88× to 1.23–1.27× dense tokens/s at B=1 with the last two (H200,
-``profile_step.py --only llama-ab``).  Prefill with RoPE and calls with a key mask take the general
-path.
+and is kept for the cache layer, whose buffers it holds).  Plans are kept beside their block or cache
+layer, never in it (:func:`plans_of`).  Eager LLaMA ``generate()`` went from 0.83–0.88× to 1.23–1.27×
+dense tokens/s at B=1 with the last two (H200, ``profile_step.py --only llama-ab``).  Prefill with RoPE
+and calls with a key mask take the general path.
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ from flashsvd.models.cache import rank_space_layer
 from flashsvd.models.inplace import mark_owned, observed
 from flashsvd.models.lowrank import LowRankLinear
 
-__all__ = ["attention_forward", "decode_forward", "eligible", "ffn_forward", "rms_norm_forward"]
+__all__ = ["attention_forward", "decode_forward", "eligible", "ffn_forward", "plans_of", "rms_norm_forward"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRIES = 8  # builds tried in a row per layout before the general path keeps it ...
@@ -120,14 +121,27 @@ class _Held:
         )
 
 
+#: home (a block, or a decode plan's cache layer) -> (its plans by key, failed builds by key)
+_HOMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plans_of(home: object) -> tuple[dict, dict]:
+    """``(plans, failed builds)`` kept for ``home``, by key.  Beside it, not in its ``__dict__``: a copy
+    of a block or cache (``copy.deepcopy``, pickling) must not carry plans whose launches and closures
+    are bound to the original's tensors; it makes its own.  Entries go with their home."""
+    state = _HOMES.get(home)
+    if state is None:
+        state = _HOMES[home] = ({}, {})
+    return state
+
+
 def _run(block: nn.Module, key: tuple, kind, *args, home: object = None) -> torch.Tensor | None:
     """The plan for ``key`` (``kind(block, *args)``, made when missing or stale) run on ``args``; None:
-    take the general path.  Plans live on ``home`` (default ``block``): a decode plan holds its KV
-    cache's buffers, so it lives on the cache layer and goes with it."""
-    plans = (block if home is None else home).__dict__.setdefault("_flashsvd_plans", {})
+    take the general path.  Plans are kept for ``home`` (default ``block``): a decode plan holds its KV
+    cache's buffers, so it is kept for the cache layer and goes with it."""
+    plans, tries = plans_of(block if home is None else home)
     plan = plans.get(key)
     if plan is None or not plan.held.valid():
-        tries = (block if home is None else home).__dict__.setdefault("_flashsvd_plan_tries", {})
         n = tries.get(key, 0)
         if n >= _TRIES and n % _RETRY_EVERY:  # given up for now; tried again now and then (a hook may go)
             tries[key] = n + 1
@@ -287,7 +301,7 @@ class _DecodePlan:
     """A cached causal step of ``FlashAttention`` (few new tokens, no key mask, RoPE or none): one GEMM
     into rank space, the cache layer's prepared append, the two prepared decode launches over the
     whole cache buffers (device lengths, as a static cache's graphed step runs), the low-rank output
-    projection.  It holds the cache's buffers, so it lives on the cache layer."""
+    projection.  It holds the cache's buffers, so it is kept for the cache layer (:func:`plans_of`)."""
 
     def __init__(self, block, x: torch.Tensor, positions: torch.Tensor | None, layer, n: int) -> None:
         self.ok = False
