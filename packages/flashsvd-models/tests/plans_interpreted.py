@@ -16,6 +16,19 @@ import flashsvd.models as fm
 from flashsvd.models import plans
 
 
+def count_plan_use(used: dict, **functions: str) -> None:
+    """Wrap ``plans.<function>`` for each ``key=function``: ``used[key]`` counts the calls a plan served."""
+    for key, name in functions.items():
+        wrapped = getattr(plans, name)
+
+        def run(*args, fn=wrapped, key=key):
+            out = fn(*args)
+            used[key] += out is not None
+            return out
+
+        setattr(plans, name, run)
+
+
 def main() -> None:
     torch.manual_seed(0)
     cfg = T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -25,18 +38,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     used = {"attention": 0, "ffn": 0}
-    attention_forward, ffn_forward = plans.attention_forward, plans.ffn_forward
-
-    def counted(name, fn):
-        def run(*args):
-            out = fn(*args)
-            used[name] += out is not None
-            return out
-
-        return run
-
-    plans.attention_forward = counted("attention", attention_forward)
-    plans.ffn_forward = counted("ffn", ffn_forward)
+    count_plan_use(used, attention="attention_forward", ffn="ffn_forward")
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
@@ -123,18 +125,7 @@ def llama_decode() -> dict:
     fm.set_backend(model, "flash", kernel_backend="triton", policy="fastest")
     ids = torch.randint(0, 100, (2, 5))
     used = {"decode": 0, "norm": 0}
-    decode_forward, rms_norm_forward = plans.decode_forward, plans.rms_norm_forward
-
-    def counted(name, fn):
-        def run(*args):
-            out = fn(*args)
-            used[name] += out is not None
-            return out
-
-        return run
-
-    plans.decode_forward = counted("decode", decode_forward)
-    plans.rms_norm_forward = counted("norm", rms_norm_forward)
+    count_plan_use(used, decode="decode_forward", norm="rms_norm_forward")
 
     def hf() -> tuple:
         with torch.no_grad():

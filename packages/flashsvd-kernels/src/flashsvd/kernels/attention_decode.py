@@ -332,18 +332,10 @@ def _decode_split(B: int, Hkv: int, n_hint: int, Nmax: int, dev: torch.device) -
     return n_hint, cdiv(n_hint, split_len), split_len
 
 
-def _decode_scratch(pq, pk, pv, n_hint: int) -> torch.Tensor:
-    """The float32 per-split softmax states (accumulator, max, sum) of one launch."""
-    B, T, Hq = pq.shape[:3]
-    Hkv, rv = pk.shape[2], pv.shape[3]
-    _, n_splits, _ = _decode_split(B, Hkv, n_hint, pk.shape[1], pq.device)
-    n_state = B * Hkv * n_splits * _rows_tile(Hq // Hkv * T)
-    return torch.empty(n_state * (tile_size(rv) + 2), dtype=torch.float32, device=pq.device)
-
-
 def _decode_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, rope, q_pos, k_pos, scale,
-                 out, scratch):  # fmt: skip
-    """``((autotune key, grid, args, flags), (grid, args, kwargs))`` of the split and reduce launches."""
+                 out):  # fmt: skip
+    """``((autotune key, grid, args, flags), (grid, args, kwargs))`` of the split and reduce launches;
+    the float32 per-split softmax states (accumulator, max, sum) are allocated here, in the args."""
     B, T, Hq, rq = pq.shape
     Nmax, Hkv, rk = pk.shape[1], pk.shape[2], pk.shape[3]
     rv, D = pv.shape[3], vq.shape[2]
@@ -352,6 +344,7 @@ def _decode_call(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask, r
     ROWS_P, RV_P = _rows_tile(R), tile_size(rv)
     n_hint, n_splits, split_len = _decode_split(B, Hkv, n_hint, Nmax, pq.device)
     n_state = B * Hkv * n_splits * ROWS_P
+    scratch = torch.empty(n_state * (RV_P + 2), dtype=torch.float32, device=pq.device)
     acc, mx, sm = (
         scratch[: n_state * RV_P],
         scratch[n_state * RV_P : n_state * (RV_P + 1)],
@@ -405,10 +398,9 @@ def _launch_decode(pq, pk, pv, vq, vk, vv, bq, bk, bv, *, lengths, n_hint, mask,
         )
     if out is None:
         out = torch.empty(*pq.shape[:3], vq.shape[2], dtype=pq.dtype, device=pq.device)
-    scratch = _decode_scratch(pq, pk, pv, n_hint)
     (key, grid, args, flags), (r_grid, r_args, r_kwargs) = _decode_call(
         pq, pk, pv, vq, vk, vv, bq, bk, bv, lengths=lengths, n_hint=n_hint, mask=mask, rope=rope, q_pos=q_pos,
-        k_pos=k_pos, scale=scale, out=out, scratch=scratch,
+        k_pos=k_pos, scale=scale, out=out,
     )  # fmt: skip
     launch_tuned(_decode_split_kernel, key, grid, *args, **flags)
     launch(_decode_reduce_kernel, r_grid, *r_args, **r_kwargs)
@@ -438,10 +430,9 @@ def prepare_decode(
     if pq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     scale = 1.0 / math.sqrt(dims.D) if scale is None else float(scale)
-    scratch = _decode_scratch(pq, pk, pv, n_hint)
     (key, grid, args, flags), (r_grid, r_args, r_kwargs) = _decode_call(
         pq, pk, pv, vq, vk, vv, bq, bk, bv, lengths=lengths, n_hint=n_hint, mask=None, rope=rope, q_pos=q_pos,
-        k_pos=k_pos, scale=scale, out=out, scratch=scratch,
+        k_pos=k_pos, scale=scale, out=out,
     )  # fmt: skip
     split = prepare_tuned(_decode_split_kernel, key, grid, args, flags, live=(pq, q_pos, out))
     merge = prepare(_decode_reduce_kernel, r_grid, r_args, r_kwargs, live=(out,))

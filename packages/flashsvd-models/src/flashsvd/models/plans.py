@@ -177,6 +177,32 @@ def _layout(x: torch.Tensor) -> tuple:
 
 
 # ---- attention -------------------------------------------------------------------------------------
+def _attention_parts(held: _Held, block, x: torch.Tensor):
+    """``(q, k, v, o)`` of an attention block, held (``o`` may be None), or None when no plan can
+    serve ``x``: an output projection other than one low-rank layer, a non-contiguous input, or a
+    dropout after ``o`` that something could see."""
+    q, k, v = (held.module(block, block._paths[name]) for name in ("q", "k", "v"))
+    o = block._o_module if block._paths["o"] is None else held.module(block, block._paths["o"])
+    if o is not None and not (isinstance(o, LowRankLinear) and not o.per_head):
+        return None
+    if not x.is_contiguous() or any(not held.dropout(held.module(block, p)) for p in block._post):
+        return None
+    for lin in (q, k, v) if o is None else (q, k, v, o):
+        held.linear(lin)
+    return q, k, v, o
+
+
+def _rank_space(plan, block, q, k, v, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sets ``plan.fused`` (``[u_q | u_k | u_v]``) and ``plan.widths``; returns ``pq, pk, pv`` views
+    ``[B, M, H, r]`` of one new projection buffer, laid out as ``x @ plan.fused`` split per call."""
+    plan.fused = block._fused_u(q, k, v)
+    plan.widths = [q.u.shape[1], k.u.shape[1], v.u.shape[1]]
+    p = torch.empty(*x.shape[:2], plan.fused.shape[1], dtype=x.dtype, device=x.device)
+    return tuple(
+        t.unflatten(-1, (lin.n_heads, lin.rank)) for t, lin in zip(p.split(plan.widths, -1), (q, k, v))
+    )
+
+
 class _AttentionPlan:
     """``FlashAttention`` without cache or RoPE: one GEMM into rank space, the prepared attention
     launch, the low-rank output projection, then (post-LN encoders) the prepared residual LayerNorm."""
@@ -184,25 +210,14 @@ class _AttentionPlan:
     def __init__(self, block, x: torch.Tensor, key_valid: torch.Tensor | None) -> None:
         self.ok = False
         held = self.held = _Held()
-        q, k, v = (held.module(block, block._paths[n]) for n in ("q", "k", "v"))
-        o = block._o_module if block._paths["o"] is None else held.module(block, block._paths["o"])
-        if o is not None and not (isinstance(o, LowRankLinear) and not o.per_head):
+        parts = _attention_parts(held, block, x)
+        if parts is None or x.dtype not in _KERNEL_DTYPES:
             return
-        if not x.is_contiguous() or any(not held.dropout(held.module(block, p)) for p in block._post):
-            return
+        q, k, v, o = parts
         if block.policy != "fastest" and block.head_groups(x, q, k, v) is not None:
             return  # head groups: the general path's memory-bounded loop
-        for lin in (q, k, v) if o is None else (q, k, v, o):
-            held.linear(lin)
-        if x.dtype not in _KERNEL_DTYPES:
-            return
         B, M, d = x.shape
-        fused = block._fused_u(q, k, v)
-        self.fused, self.widths = fused, [q.u.shape[1], k.u.shape[1], v.u.shape[1]]
-        p = torch.empty(B, M, fused.shape[1], dtype=x.dtype, device=x.device)
-        pq, pk, pv = (
-            t.unflatten(-1, (lin.n_heads, lin.rank)) for t, lin in zip(p.split(self.widths, -1), (q, k, v))
-        )
+        pq, pk, pv = _rank_space(self, block, q, k, v, x)
         self.heads_width = q.n_heads * q.v.shape[2]
         heads = torch.empty(B * M, self.heads_width, dtype=x.dtype, device=x.device)
         biases = [lin.head_bias() for lin in (q, k, v)]
@@ -306,18 +321,10 @@ class _DecodePlan:
     def __init__(self, block, x: torch.Tensor, positions: torch.Tensor | None, layer, n: int) -> None:
         self.ok = False
         held = self.held = _Held()
-        q, k, v = (held.module(block, block._paths[name]) for name in ("q", "k", "v"))
-        o = block._o_module if block._paths["o"] is None else held.module(block, block._paths["o"])
-        if o is not None and not (isinstance(o, LowRankLinear) and not o.per_head):
+        parts = _attention_parts(held, block, x)
+        if parts is None or block._residual is not None or x.dtype not in _KERNEL_DTYPES:
             return
-        if block._residual is not None or not x.is_contiguous():
-            return
-        if any(not held.dropout(held.module(block, p)) for p in block._post):
-            return
-        for lin in (q, k, v) if o is None else (q, k, v, o):
-            held.linear(lin)
-        if x.dtype not in _KERNEL_DTYPES:
-            return
+        q, k, v, o = parts
         store = held.attr(layer, "store")
         pk_all, pv_all, key_pos, lengths = (
             held.attr(store, name) for name in ("pk", "pv", "positions", "lengths")
@@ -328,12 +335,7 @@ class _DecodePlan:
             held.attr(block.rope, "_table")
         self.rows = n if rope is None else rope[0].shape[0]  # the largest key count the tables serve
         B, M = x.shape[:2]
-        fused = block._fused_u(q, k, v)
-        self.fused, self.widths = fused, [q.u.shape[1], k.u.shape[1], v.u.shape[1]]
-        p = torch.empty(B, M, fused.shape[1], dtype=x.dtype, device=x.device)
-        pq, pk, pv = (
-            t.unflatten(-1, (lin.n_heads, lin.rank)) for t, lin in zip(p.split(self.widths, -1), (q, k, v))
-        )
+        pq, pk, pv = _rank_space(self, block, q, k, v, x)
         pos = None if positions is None else positions.expand(B, M)
         self.write = layer.prepare_update(pk, pv, pos)
         self.heads = (B, M, q.n_heads, q.v.shape[2])

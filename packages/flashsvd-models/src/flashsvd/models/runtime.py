@@ -305,10 +305,10 @@ class FlashAttention(FlashBlock):
             and self.causal
             and M <= DECODE_MAX_NEW_TOKENS
             and kwargs.get("attention_mask") is None
-            and hf_cache(kwargs) is not None
+            and (cache := hf_cache(kwargs)) is not None
             and plans.eligible(self, hidden_states)
         ):
-            out = plans.decode_forward(self, hidden_states, kwargs.get("position_ids"), hf_cache(kwargs))
+            out = plans.decode_forward(self, hidden_states, kwargs.get("position_ids"), cache)
             if out is not None:  # the decoding hot path
                 return out, None
         q, k, v = (get_module(self, self._paths[n]) for n in ("q", "k", "v"))
