@@ -104,7 +104,7 @@ def whole(roles: set[str], keep: float) -> None:
         0
     ]
     t0 = time.time()
-    recipe = RECIPES["decoder"].with_(rank_multiple=1)
+    recipe = RECIPES["decoder"].with_(rank_multiple=1, calib_source="data")
     model, rep = fm.compress(
         copy.deepcopy(dense), recipe=recipe, keep_ratio=keep, calibration=windows(stream, 128, 256)
     )

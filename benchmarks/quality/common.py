@@ -51,6 +51,18 @@ def stsb_pairs() -> tuple[list[str], list[str], list[float]]:
     return a, b, y
 
 
+def selection_texts() -> dict[str, str]:
+    """Texts to choose a decoder recipe by (perplexity), never WikiText-2 test, which reports it:
+    ``sst2-dev`` (the data README's selection split; in the calibration's domain) and ``stsb`` (STS-B
+    train sentences: news, captions, forums; out of it), each as lines joined with ``"\\n"``."""
+    dev = (DATA / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    sts = (DATA / "stsb" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    return {
+        "sst2-dev": "\n".join(ln.split("\t")[0].strip() for ln in dev if ln.strip()),
+        "stsb": "\n".join(c for ln in sts for c in ln.split("\t")[7:9] if c.strip()),
+    }
+
+
 def wikitext_test_text() -> str:
     """WikiText-2 raw test: the file's lines (CRLF stripped by ``splitlines``) joined with ``"\\n\\n"``."""
     raw = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")

@@ -186,6 +186,45 @@ def test_decode_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_every_decode_config_matches_float64(case, dtype, monkeypatch):
+    """The autotuner keeps the fastest config, right or wrong, so each split config must be right alone,
+    at the query-row tile :data:`attention_decode.MIN_ROWS` (triton 3.6 miscompiled 16-wide tiles of
+    other kernels on the H200): ragged lengths, GQA, RoPE, several new tokens; a failure names the config."""
+    from flashsvd.kernels import attention_decode
+
+    B, L, T, Hq, Hkv, r, D, use_rope, lens = case
+    t = factors(B, L, Hq, Hkv, r, D, seed=L + 1)
+    rope = rope_table(L + 8, D) if use_rope else None
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    slots = lens_t.long()[:, None] - T + torch.arange(T)
+    pq = t[0][torch.arange(B)[:, None], slots]
+    dev = [x.to(dtype).to(DEV) for x in (pq, *t[1:])]
+    refs = [
+        lowrank_attention_reference(
+            pq[b : b + 1], t[1][b : b + 1, : lens[b]], t[2][b : b + 1, : lens[b]], *t[3:], causal=True,
+            rope=tuple(x.double() for x in rope) if rope else None,
+        )
+        for b in range(B)
+    ]  # fmt: skip
+    for cfg in attention_decode._decode_split_kernel.configs:
+
+        def one_config(kernel, key, grid, *args, cfg=cfg, **kwargs):
+            kernel.fn[grid(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs())
+
+        monkeypatch.setattr(attention_decode, "launch_tuned", one_config)
+        out = torch.full((B, T, Hq, D), float("nan"), dtype=dtype, device=DEV)
+        lowrank_attention_decode(
+            dev[0], (dev[1], dev[2]), *dev[3:], lengths=lens_t.to(DEV),
+            rope=tuple(x.to(dtype).to(DEV) for x in rope) if rope else None, backend="triton", out=out,
+        )  # fmt: skip
+        for b in range(B):
+            assert rel(out[b : b + 1].float().cpu(), refs[b]) <= TOL[dtype], (cfg, attention_decode.MIN_ROWS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_real_size_gpu():
     """LLaMA-7B shape: 32 heads × 128, rank 64, 8K cache, batch 4 with ragged lengths, RoPE, fp16."""
     B, L, H, r, D = 4, 8192, 32, 64, 128

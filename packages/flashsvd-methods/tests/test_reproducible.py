@@ -164,3 +164,32 @@ def test_compiled_update_equals_the_eager_one_on_cpu():
         fused(t[:3].contiguous(), acc.hi[:3], acc.lo[:3], acc.bin[:3])
         fused(t[3:].contiguous(), acc.hi[3:], acc.lo[3:], acc.bin[3:])
     assert torch.equal(acc.value(), _sum(terms).value())
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="inductor's CPU backend needs a C++ compiler",
+)
+def test_large_cpu_sums_run_compiled_with_the_eager_bits(monkeypatch):
+    """A CPU sum of ``CPU_FUSED_MIN_ELEMENTS`` or more runs the compiled update (one pass, not ~30):
+    whole and by row blocks, the same bits as the eager update of the same terms."""
+    from flashsvd.methods import reproducible
+
+    calls = []
+    compiled = reproducible._fused_add_into()
+    assert compiled is not None
+    monkeypatch.setitem(reproducible._FUSED, "fn", lambda *a: (calls.append(1), compiled(*a))[1])
+    shape = (512, reproducible.CPU_FUSED_MIN_ELEMENTS // 512)
+    g = torch.Generator().manual_seed(3)
+    terms = [torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** (k - 2) for k in range(4)]
+    whole = ReproducibleSum.zeros(shape)
+    for t in terms:
+        whole.add_(t)
+    assert len(calls) == 4
+    eager = ReproducibleSum.zeros(shape)
+    for t in terms:
+        _add_into(t, eager.hi, eager.lo, eager.bin)
+    assert torch.equal(whole.hi, eager.hi) and torch.equal(whole.lo, eager.lo) and torch.equal(whole.bin, eager.bin)
+    small = ReproducibleSum.zeros((8, 8))
+    small.add_(torch.ones(8, 8, dtype=torch.float64))
+    assert len(calls) == 4  # small sums stay eager

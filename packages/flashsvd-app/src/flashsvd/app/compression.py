@@ -245,6 +245,11 @@ def compress_model(
         if rec.calib_window is not None and pairs is None:
             batches = window_batches(tokenizer, texts, n, rec.calib_window, seed)
             console.info(f"calibration: {len(batches)} windows of {rec.calib_window} tokens from {source}")
+            if rec.calib_source == "model":
+                console.info(
+                    f"calibration: the model samples {len(batches)} windows, each continuing the first "
+                    f"{rec.calib_prompt_tokens} tokens of one of these (recipe calib_source: model)"
+                )
         else:
             batches = calibration_batches(tokenizer, texts, pairs, labels, calib_batch_size or rec.calib_batch_size,
                                           calib_max_length or rec.calib_max_length, loss)  # fmt: skip

@@ -34,7 +34,6 @@ from flashsvd.kernels._attention_checks import (
 )
 from flashsvd.kernels._attention_reference import attention_core_reference
 from flashsvd.kernels._launch import (
-    MIN_TILE,
     cdiv,
     launch,
     launch_tuned,
@@ -313,10 +312,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Smallest query-row tile (the M of the score and value dots; one new token of multi-head attention
-# is 1 row).  H200, LLaMA-7B shapes, RoPE, 4K cache (2026-12-01): 16 ran B=16 in 273 us against 296
-# and passed the decode tests; kept at _launch.MIN_TILE until a sweep like the one behind MIN_TILE
-# (16-wide tiles computed wrong outputs in other kernels on triton 3.6) clears it.
-MIN_ROWS = MIN_TILE
+# is 1 row), below _launch.MIN_TILE: H200, LLaMA-7B shapes, RoPE, 4K cache (2026-12-01), 16 rows run
+# B=16 in 271 us against 293 (key positions) and B=1 in 39 against 45 us, and every split config alone
+# matches float64 on the ragged decode cases in fp16 and bf16 (test_every_decode_config_matches_float64,
+# the sweep that found triton 3.6's 16-wide miscompiles in the prefill and FFN kernels).
+MIN_ROWS = 16
 
 
 def _rows_tile(rows: int) -> int:

@@ -158,6 +158,27 @@ def resolve_recipe(
     return (r.with_(**changes) if changes else r), notes
 
 
+def _sampled_calibration(model: nn.Module, batches: list[Any], rec: Recipe, notes: list[str],
+                         log: Callable[[str], None] | None) -> list[Any]:  # fmt: skip
+    """The recipe's ``calib_source: model``: one window sampled from ``model`` per calibration row."""
+    from flashsvd.models.self_calibration import sampled_windows
+
+    t0 = time.perf_counter()
+    try:
+        windows, as_given = sampled_windows(model, batches, prompt_tokens=rec.calib_prompt_tokens)
+    except ValueError as err:
+        raise ValueError(f"recipe {rec.name!r}, calib_source 'model': {err}") from err
+    short = f"; {as_given} rows no longer than the prompt kept as given" if as_given else ""
+    notes.append(
+        f"calibration: {len(windows)} windows ({sum(w.shape[1] for w in windows)} tokens) sampled from the "
+        f"model, each continuing the first {rec.calib_prompt_tokens} tokens of one calibration row "
+        f"({time.perf_counter() - t0:.0f} s{short})"
+    )
+    if log is not None:
+        log(notes[-1])
+    return windows
+
+
 def compress(
     model: nn.Module,
     method: str | None = None,
@@ -212,6 +233,8 @@ def compress(
     batches = list(calibration) if calibration is not None else None
     rec, notes = resolve_recipe(model, recipe, method, sequential=sequential, calibrated=bool(batches),
                                 options=method_options, keep_ratio=keep_ratio)  # fmt: skip
+    if rec.calib_source == "model" and batches:
+        batches = _sampled_calibration(model, batches, rec, notes, log)
     targets: list[Target] = adapter.targets(model)
     explicit = None if keep_ratio is not None else _explicit_ranks(targets, model, rank, ranks)
     params_before = count_parameters(model)
