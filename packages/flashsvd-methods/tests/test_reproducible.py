@@ -189,7 +189,11 @@ def test_large_cpu_sums_run_compiled_with_the_eager_bits(monkeypatch):
     eager = ReproducibleSum.zeros(shape)
     for t in terms:
         _add_into(t, eager.hi, eager.lo, eager.bin)
-    assert torch.equal(whole.hi, eager.hi) and torch.equal(whole.lo, eager.lo) and torch.equal(whole.bin, eager.bin)
+    assert (
+        torch.equal(whole.hi, eager.hi)
+        and torch.equal(whole.lo, eager.lo)
+        and torch.equal(whole.bin, eager.bin)
+    )
     small = ReproducibleSum.zeros((8, 8))
     small.add_(torch.ones(8, 8, dtype=torch.float64))
     assert len(calls) == 4  # small sums stay eager
