@@ -47,6 +47,27 @@ def make_inputs():
     return inputs
 
 
+def token_batches(n: int = 3, rows: int = 4, seq: int = 10, pad: str | None = None, seed: int = 2):
+    """``n`` tokenizer-style calibration batches of random ids; ``pad`` (``left`` or ``right``) masks
+    three tokens of each batch's first row."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (rows, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad == "left":
+            mask[0, :3] = 0
+        elif pad == "right":
+            mask[0, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture
+def calib_batches():
+    return token_batches
+
+
 def inputs(kind: str, batch: int = 2, seq: int = 12):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 100, (batch, seq), generator=g)

@@ -12,13 +12,17 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 import flashsvd.models as fm
+from flashsvd.models.recipe import Recipe
 
 
 @pytest.fixture
 def saved(tiny, make_inputs, tmp_path_factory):
-    model, _ = fm.compress(tiny("llama"), keep_ratio=0.5)
-    folder = fm.save_compressed(model, tmp_path_factory.mktemp("ck") / "llama")
     ids, mask = make_inputs("llama")
+    # a centered fit: its factorized projections carry biases that LLaMA's own projections lack
+    recipe = Recipe(name="centered", method="whiten", center=True)
+    model, _ = fm.compress(tiny("llama"), keep_ratio=0.5, recipe=recipe, calibration=[{"input_ids": ids}])
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    folder = fm.save_compressed(model, tmp_path_factory.mktemp("ck") / "llama")
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     torch.save({"ids": ids, "mask": mask}, folder.parent / "inputs.pt")

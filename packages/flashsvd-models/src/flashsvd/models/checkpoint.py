@@ -31,7 +31,7 @@ import os
 import shutil
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "flashsvd_block",
     "load",
     "merge_to_dense",
+    "biased_targets",
     "rebuild_lowrank",
     "save_compressed",
 ]
@@ -88,6 +89,8 @@ def attach_config(model: nn.Module, report) -> None:
         "keep_ratio": report.keep_ratio,
         "kept_fraction": report.kept_fraction,
         "ranks": dict(report.ranks),
+        # read by loaders that rebuild before they see the weights (transformers' quantizer hook)
+        "biased": biased_targets(report.ranks, model.state_dict()),
         "dense_reasons": dict(report.dense),
         "params_before": report.params_before,
         "params_after": report.params_after,
@@ -121,21 +124,40 @@ def flashsvd_block(config) -> dict[str, Any] | None:
 
 
 # ---- rebuilding a skeleton ---------------------------------------------------------------------------
-def _empty_like_target(t: Target, model: nn.Module, rank: int, device, dtype) -> LowRankLinear:
+def biased_targets(ranks: Mapping[str, int | None], keys: Iterable[str]) -> list[str]:
+    """The factorized modules among ``ranks`` whose state (``keys``: state-dict names) holds a bias.
+
+    Why: a centered fit (``Recipe.center``) folds the input mean into a bias, so a factorized module
+    can carry one where the architecture has none (LLaMA's projections); rebuilding from the
+    architecture alone would then drop it (:func:`rebuild_lowrank` takes these names).
+    """
+    keys = set(keys)
+    return sorted(n for n, r in ranks.items() if r is not None and f"{n}.bias" in keys)
+
+
+def _empty_like_target(t: Target, model: nn.Module, rank: int, device, dtype, bias: bool) -> LowRankLinear:
     w, b = t.weight(model)
-    lr = LowRankLinear.empty(int(w.shape[1]), int(w.shape[0]), rank, n_heads=t.n_heads, bias=b is not None,
-                             device=device, dtype=dtype)  # fmt: skip
+    lr = LowRankLinear.empty(int(w.shape[1]), int(w.shape[0]), rank, n_heads=t.n_heads,
+                             bias=bias or b is not None, device=device, dtype=dtype)  # fmt: skip
     lr.conv1d = t.is_conv1d(model) and t.part is None
     return lr
 
 
 def rebuild_lowrank(
-    model: nn.Module, ranks: Mapping[str, int | None], *, device=None, dtype=None
+    model: nn.Module,
+    ranks: Mapping[str, int | None],
+    *,
+    biased: Iterable[str] = (),
+    device=None,
+    dtype=None,
 ) -> nn.Module:
     """Replace the targets of a fresh HF ``model`` by empty low-rank modules of the recorded ranks.
 
-    The model then has exactly the state-dict keys and shapes of the saved compressed model.
+    ``biased`` names the factorized modules that hold a bias the architecture's module lacks
+    (:func:`biased_targets`). The model then has exactly the state-dict keys and shapes of the saved
+    compressed model.
     """
+    biased = set(biased)
     targets = get_adapter(model).targets(model)
     known = {t.name for t in targets}
     unknown = sorted(set(ranks) - known)
@@ -153,7 +175,9 @@ def rebuild_lowrank(
             src_w = get_module(model, t.source)
             p = next(src_w.parameters())
             set_module(
-                model, t.name, _empty_like_target(t, model, int(r), device or p.device, dtype or p.dtype)
+                model,
+                t.name,
+                _empty_like_target(t, model, int(r), device or p.device, dtype or p.dtype, t.name in biased),
             )
     for source, parts in groups.items():
         if all(ranks.get(p.name) is None for p in parts):
@@ -166,7 +190,7 @@ def rebuild_lowrank(
         for p in sorted(parts, key=lambda p: p.rows[0]):
             r = ranks.get(p.name)
             if r is not None:
-                built[p.part] = _empty_like_target(p, model, int(r), dev, dt)
+                built[p.part] = _empty_like_target(p, model, int(r), dev, dt, p.name in biased)
             else:
                 w, b = p.weight(model)
                 built[p.part] = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)
@@ -514,7 +538,7 @@ def load(
     try:
         model = model_class._from_config(config, dtype=dtype) if dtype else model_class._from_config(config)
         state, ranks = _retarget(model, state, block["ranks"])
-        rebuild_lowrank(model, ranks, dtype=dtype)
+        rebuild_lowrank(model, ranks, biased=biased_targets(ranks, state), dtype=dtype)
     except CheckpointError:
         raise
     except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:

@@ -228,7 +228,8 @@ def _register_quantization_method() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs):
             from flashsvd.models.checkpoint import rebuild_lowrank
 
-            rebuild_lowrank(model, self.quantization_config.ranks)
+            q = self.quantization_config
+            rebuild_lowrank(model, q.ranks, biased=getattr(q, "biased", ()))
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

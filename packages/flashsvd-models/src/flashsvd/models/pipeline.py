@@ -731,14 +731,22 @@ class _State:
         self.done = k
 
     def restore(self, model, blocks, layers, by_layer, inputs) -> int:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from flashsvd.models.checkpoint import rebuild_lowrank
+        from flashsvd.models.checkpoint import biased_targets, rebuild_lowrank
 
         finished = {t.name: self.ranks.get(t.name) for k in range(self.done + 1) for t in by_layer[layers[k]]}
-        rebuild_lowrank(model, finished)
-        for k in range(self.done + 1):
-            blocks[k].load_state_dict(load_file(str(self.folder / f"block_{k}.safetensors")))
+        files = [str(self.folder / f"block_{k}.safetensors") for k in range(self.done + 1)]
+        prefix = {id(b): n + "." for n, b in model.named_modules() if n}
+        keys = []
+        for k, f in enumerate(files):  # names only: a centered fit may have added biases
+            with safe_open(f, "pt") as h:
+                names = h.keys()
+            keys += [prefix[id(blocks[k])] + key for key in names]
+        rebuild_lowrank(model, finished, biased=biased_targets(finished, keys))
+        for k, f in enumerate(files):
+            blocks[k].load_state_dict(load_file(f))
         saved = load_file(str(self.folder / "inputs.safetensors"))
         dev = inputs[0][0][0].device
 

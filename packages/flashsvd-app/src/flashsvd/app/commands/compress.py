@@ -14,7 +14,8 @@ HELP = """Compress a model with an SVD-family method and save a checkpoint.
 
 Recipe: without --method or --recipe, the best recipe we measured for the model's family and budget
 (encoders: whiten, loss-curve ranks, Q/K dense, centered fit, output Fisher, and below --keep-ratio
-0.6 block-by-block SVD-LLM with ASVD-sensitivity ranks; decoders: whiten, loss-curve ranks), with
+0.6 block-by-block SVD-LLM with ASVD-sensitivity ranks; decoders: whiten, loss-curve ranks, centered
+fit, output Fisher, calibrated on the model's own continuations of the calibration text), with
 ranks rounded to multiples of 8; --recipe takes a JSON/YAML recipe file or a built-in name
 (encoder, encoder-lean, decoder, svd); --method alone means that method with uniform ranks (ars: ARS ranks, whitened
 factors). `flashsvd info` prints the recipe a checkpoint was made with.
