@@ -25,6 +25,7 @@ renamed into place, so a crash never leaves a half-written checkpoint under the 
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -219,11 +220,53 @@ def _dense_module(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool)
     return m
 
 
+def _bias_keys(model: nn.Module, config) -> set[str]:
+    """The bias names of a fresh ``type(model)`` built from ``config`` (on the meta device: no memory)."""
+    with torch.device("meta"):
+        fresh = type(model)._from_config(config)
+    return {k for k in fresh.state_dict() if k.endswith(".bias")}
+
+
+def _declare_added_biases(model: nn.Module) -> None:
+    """Make a merged model's config declare the biases a centered fit added, or refuse.
+
+    Why: a plain Hugging Face loader builds modules from the config and drops weights it has no place
+    for, so a merged LLaMA whose projections carry the biases of a centered fit would load silently
+    wrong. Where the config has a switch (``attention_bias``, ``mlp_bias``) it is turned on, and the
+    modules it gives a bias that the fit did not get a zero one; anything still without a place raises.
+    """
+    have = {k for k in model.state_dict() if k.endswith(".bias")}
+    expected = _bias_keys(model, model.config)
+    for flag in ("attention_bias", "mlp_bias"):
+        if have <= expected or getattr(model.config, flag, None) is not False:
+            continue
+        trial = copy.deepcopy(model.config)
+        setattr(trial, flag, True)
+        more = _bias_keys(model, trial)
+        if (more - expected) & have:
+            setattr(model.config, flag, True)
+            expected = more
+    extra = sorted(have - expected)
+    if extra:
+        raise CheckpointError(
+            f"a dense {model.config.model_type} has no bias at {', '.join(extra[:3])}"
+            f"{' …' if len(extra) > 3 else ''}, which a centered fit (recipe center: true) gave these "
+            "layers: a plain loader would drop them. Keep the compressed checkpoint (no dense export) or "
+            "compress with a recipe without center."
+        )
+    for key in sorted(expected - have):  # declared by the switch, not fitted: zero
+        mod = get_module(model, key[: -len(".bias")])
+        mod.bias = nn.Parameter(
+            torch.zeros(mod.weight.shape[0], device=mod.weight.device, dtype=mod.weight.dtype)
+        )
+
+
 def merge_to_dense(model: nn.Module) -> nn.Module:
     """Multiply every low-rank layer back into a dense one (``nn.Linear`` or ``Conv1D``), in place.
 
     The result is a plain HF model (torch backend, no ``quantization_config``) that ``save_pretrained``
-    writes as an ordinary checkpoint.
+    writes as an ordinary checkpoint; biases a centered fit added are declared in its config
+    (``attention_bias``/``mlp_bias``) or refused with a :class:`CheckpointError`.
     """
     from flashsvd.models.backend import set_backend
 
@@ -242,6 +285,7 @@ def merge_to_dense(model: nn.Module) -> nn.Module:
                 set_module(model, name, _dense_module(w, b, getattr(mod, "conv1d", False)))
     if flashsvd_block(model.config) is not None:
         del model.config.quantization_config
+    _declare_added_biases(model)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)
