@@ -104,7 +104,8 @@ def whole(roles: set[str], keep: float) -> None:
         0
     ]
     t0 = time.time()
-    recipe = RECIPES["decoder"].with_(rank_multiple=1, calib_source="data")
+    # the recipe the probe's rows were measured with (the first decoder recipe, on the SST-2 windows)
+    recipe = RECIPES["decoder"].with_(rank_multiple=1, calib_source="data", center=False, output_fisher=False)
     model, rep = fm.compress(
         copy.deepcopy(dense), recipe=recipe, keep_ratio=keep, calibration=windows(stream, 128, 256)
     )
