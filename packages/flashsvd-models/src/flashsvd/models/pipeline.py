@@ -580,7 +580,7 @@ def sequential(model, targets, ranks, recipe: Recipe, batches, errors, progress=
         inputs = [_to(x, home) for x in inputs]
     reference = None
     if state is not None and state.done >= 0:
-        start = state.restore(model, blocks, layers, by_layer, inputs)
+        start = state.restore(model, blocks, layers, paths, by_layer, inputs)
         inputs, reference = state.inputs, state.reference
         if log:
             log(f"resuming after block {layers[start - 1]} from {state_dir}")
@@ -730,7 +730,7 @@ class _State:
         _atomic(self.folder / "progress.json", lambda p: p.write_text(json.dumps(meta)))
         self.done = k
 
-    def restore(self, model, blocks, layers, by_layer, inputs) -> int:
+    def restore(self, model, blocks, layers, paths, by_layer, inputs) -> int:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -738,12 +738,11 @@ class _State:
 
         finished = {t.name: self.ranks.get(t.name) for k in range(self.done + 1) for t in by_layer[layers[k]]}
         files = [str(self.folder / f"block_{k}.safetensors") for k in range(self.done + 1)]
-        prefix = {id(b): n + "." for n, b in model.named_modules() if n}
         keys = []
         for k, f in enumerate(files):  # names only: a centered fit may have added biases
             with safe_open(f, "pt") as h:
                 names = h.keys()
-            keys += [prefix[id(blocks[k])] + key for key in names]
+            keys += [f"{paths[layers[k]]}.{key}" for key in names]
         rebuild_lowrank(model, finished, biased=biased_targets(finished, keys))
         for k, f in enumerate(files):
             blocks[k].load_state_dict(load_file(f))
